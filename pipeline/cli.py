@@ -1,0 +1,117 @@
+"""`llmpipe <stage> [--config FILE] [key.sub=value ...]`, `llmpipe validate <stage> ...`.
+
+The stage table below is the only indirection: each stage module has a `Config` dataclass and `run(cfg)`.
+Bad input (config, data, artifact folders) prints one line per problem and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import sys
+import textwrap
+
+from pipeline.config import DataConfig, UserError, describe_fields, load_config
+
+# stage name -> (module, one-line summary)
+STAGES = {
+    "tokenizer": ("pipeline.stages.tokenizer", "train a byte-level BPE tokenizer with chat tokens"),
+}
+EXIT_BAD_INPUT = 2
+
+
+def _stage_module(name: str):
+    if name not in STAGES:
+        hint = difflib.get_close_matches(name, list(STAGES), n=1)
+        raise UserError(
+            f"unknown stage {name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; stages: {', '.join(STAGES)}"
+        )
+    return importlib.import_module(STAGES[name][0])
+
+
+def _fields_help(config_cls: type) -> str:
+    lines = ["config keys (set in the YAML file or as key=value; sections with dots, e.g. data.path=...):"]
+    for key, type_name, default, help_text in describe_fields(config_cls):
+        shown = "required" if default == "required" else f"default {default}"
+        head = f"  {key}" if type_name == "section" else f"  {key} ({type_name}, {shown})"
+        lines.append(head if type_name != "section" else f"{head}:")
+        if help_text:
+            lines += textwrap.wrap(help_text, width=100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def _parser(stage: str, validate: bool) -> argparse.ArgumentParser:
+    module = _stage_module(stage)
+    prog = f"llmpipe {'validate ' if validate else ''}{stage}"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(module.__doc__ or "").strip(),
+        epilog=_fields_help(module.Config),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (keys below); overrides on the command line win")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-4")
+    return parser
+
+
+def _preflight(cfg) -> None:
+    """Cheap checks that need no compute: every local data path named in the config exists."""
+    from pipeline.data import local_files
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, DataConfig):
+            local_files(value)
+        elif dataclasses.is_dataclass(value):
+            _preflight(value)
+
+
+def _main_usage() -> str:
+    width = max(len(s) for s in STAGES)
+    stages = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in STAGES.items())
+    return (
+        "usage: llmpipe <stage> [--config FILE] [key=value ...]\n"
+        "       llmpipe validate <stage> [--config FILE] [key=value ...]\n"
+        "       llmpipe <stage> --help    (lists every config key)\n\n"
+        f"stages:\n{stages}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_main_usage())
+        return 0 if argv else EXIT_BAD_INPUT
+    validate = argv[0] == "validate"
+    if validate:
+        argv = argv[1:]
+        if not argv or argv[0].startswith("-"):
+            print("usage: llmpipe validate <stage> [--config FILE] [key=value ...]", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    stage = argv[0]
+    prog = f"llmpipe {stage}"
+    try:
+        module = _stage_module(stage)
+        args = _parser(stage, validate).parse_args(argv[1:])
+        cfg = load_config(module.Config, args.config, args.overrides)
+        _preflight(cfg)
+        if validate:
+            print(f"{args.config or 'command line'}: valid {stage} config")
+            return 0
+        module.run(cfg)
+    except UserError as exc:
+        for problem in exc.problems:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

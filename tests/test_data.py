@@ -1,0 +1,92 @@
+"""The data layer: formats, column mapping, streaming, and errors that name the file, line or columns."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_jsonl
+
+from pipeline.config import DataConfig, UserError
+from pipeline.data import encode_and_pack, iter_texts, load_examples
+
+
+def texts(ds) -> list[str]:
+    return [t for batch in iter_texts(ds) for t in batch]
+
+
+def test_jsonl_json_parquet_and_globs_load_the_same_rows(tmp_path):
+    rows = [{"text": f"document {i}", "n": i} for i in range(10)]
+    write_jsonl(tmp_path / "a" / "part1.jsonl", rows[:5])
+    write_jsonl(tmp_path / "a" / "part2.jsonl", rows[5:])
+    (tmp_path / "all.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "all.parquet")
+    expected = [r["text"] for r in rows]
+    assert texts(load_examples(DataConfig(path=str(tmp_path / "a" / "*.jsonl")), ["text"])) == expected
+    assert texts(load_examples(DataConfig(path=str(tmp_path / "all.json")), ["text"])) == expected
+    assert texts(load_examples(DataConfig(path=str(tmp_path / "all.parquet")), ["text"])) == expected
+    assert texts(load_examples(DataConfig(path=str(tmp_path / "a")), ["text"])) == expected
+
+
+def test_text_files_by_document_and_by_line(tmp_path):
+    (tmp_path / "one.txt").write_text("first line\nsecond line\n\nnew paragraph\n")
+    (tmp_path / "two.txt").write_text("another file\n")
+    by_doc = texts(load_examples(DataConfig(path=str(tmp_path / "*.txt")), ["text"]))
+    assert by_doc == ["first line\nsecond line\n\nnew paragraph\n", "another file\n"]
+    by_line = texts(load_examples(DataConfig(path=str(tmp_path / "*.txt"), text_sample_by="line"), ["text"]))
+    assert by_line == ["first line", "second line", "new paragraph", "another file"]
+
+
+def test_column_mapping_and_missing_column_lists_columns_present(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"content": "hello", "meta": 1}])
+    ds = load_examples(DataConfig(path=str(path), columns={"text": "content"}), ["text"])
+    assert texts(ds) == ["hello"]
+    with pytest.raises(UserError) as info:
+        load_examples(DataConfig(path=str(path)), ["text"])
+    message = str(info.value)
+    assert "no column 'text'" in message and "['content', 'meta']" in message and "data.columns.text=" in message
+    with pytest.raises(UserError, match="column 'body' is not in"):
+        load_examples(DataConfig(path=str(path), columns={"text": "body"}), ["text"])
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "broken\n{"text": "x"}\n')
+    with pytest.raises(UserError) as info:
+        load_examples(DataConfig(path=str(path)), ["text"])
+    assert f"{path}:3: malformed JSON line" in str(info.value)
+
+
+def test_empty_and_missing_data_are_clear_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="holds no examples|could not load"):
+        load_examples(DataConfig(path=str(tmp_path / "empty.jsonl")), ["text"])
+    with pytest.raises(UserError, match="file not found: .*nope.jsonl"):
+        load_examples(DataConfig(path=str(tmp_path / "nope.jsonl")), ["text"])
+    with pytest.raises(UserError, match="matches no file"):
+        load_examples(DataConfig(path=str(tmp_path / "*.parquet")), ["text"])
+
+
+def test_streaming_gives_the_same_texts_and_max_examples(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"body": f"doc {i}"} for i in range(25)])
+    cfg = DataConfig(path=str(path), columns={"text": "body"}, streaming=True, max_examples=20)
+    assert texts(load_examples(cfg, ["text"])) == [f"doc {i}" for i in range(20)]
+
+
+def test_non_text_value_names_its_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": "ok"}, {"text": None}, {"text": "ok"}])
+    with pytest.raises(UserError, match="row 2"):
+        texts(load_examples(DataConfig(path=str(path)), ["text"]))
+
+
+def test_encode_and_pack_puts_eos_between_documents(trained_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    docs = ["the cat lives in town", "12 + 34 = 46", "日本語 🎉", "a dog"] * 20
+    blocks = encode_and_pack(tok, docs, block_size=16, eos_id=tok.eos_token_id)
+    expected = [i for d in docs for i in [*tok.encode(d, add_special_tokens=False), tok.eos_token_id]]
+    assert blocks.shape == (len(expected) // 16, 16)
+    assert blocks.flatten().tolist() == expected[: blocks.size]
