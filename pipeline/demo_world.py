@@ -1,0 +1,437 @@
+"""Seeded, deterministic generator for the tiny preset's "demo world" data (``data/demo/``).
+
+A ~1-5M parameter model trained for minutes on CPU must learn something measurable, and every later stage
+must move a metric the right way. A world of random arithmetic fails that test: random operands are most of
+the tokens, pretraining learns little, and SFT from random weights does as well as SFT from the base model.
+
+So the world is mostly *facts*: ~120 invented people, each with a home town, favourite colour, pet and job
+drawn from small closed sets. The facts are stated ONLY in the pretraining corpus, dozens of times each and
+in several phrasings. People are split into TRAIN and HELD-OUT people: SFT and the preference data ask only
+about TRAIN people, while eval asks about HELD-OUT people. A high held-out exact match therefore needs both
+the knowledge from pretraining and the answer format from SFT; SFT from scratch cannot get there.
+
+A minority of the corpus is rule-based skill (small addition/subtraction, "which is larger", successor and
+predecessor). Those items are split into disjoint pools, so eval arithmetic appears in no other file.
+Answers are short and canonical (one word or one number), so exact match is meaningful.
+
+    python -m pipeline.demo_world --out data/demo [--seed 0] [--corpus-mb 3.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# --- the closed sets --------------------------------------------------------------------------------------
+
+TOWNS = ["Tillford", "Mossbay", "Quenholt", "Ashgrove", "Brindlemere", "Corrowick", "Dunhallow", "Fennick",
+         "Harrowgate", "Wyndle"]
+COLOURS = ["red", "blue", "green", "teal", "amber", "violet", "crimson", "grey"]
+PETS = ["heron", "ferret", "tortoise", "parrot", "rabbit", "hedgehog", "goat", "owl"]
+JOBS = ["baker", "miller", "potter", "weaver", "fisher", "smith", "healer", "carpenter"]
+ATTRS: dict[str, list[str]] = {"town": TOWNS, "colour": COLOURS, "pet": PETS, "job": JOBS}
+N_PEOPLE = 120
+HELD_OUT_FRACTION = 0.25
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer with a single word or number.",
+                  "You know everyone in the valley. Answer briefly."]
+
+# --- templates ("{n}" name, "{v}" value, "{a}" value with its article) -----------------------------------
+
+FACT_TEMPLATES = {
+    "town": ["{n} lives in {v}.", "{v} is the home of {n}.", "{n}'s home town is {v}.", "{n} comes from {v}.",
+             "{n} has lived in {v} for years.", "If you visit {v}, you may meet {n}."],
+    "colour": ["{n}'s favourite colour is {v}.", "The favourite colour of {n} is {v}.",
+               "{n} likes {v} more than any other colour.", "{n} always wears something {v}."],
+    "pet": ["{n} keeps {a} as a pet.", "{n} has a pet {v}.", "Everyone knows that {n} owns {a}.",
+            "The pet of {n} is {a}."],
+    "job": ["{n} works as {a}.", "{n} is {a} by trade.", "By day, {n} is {a}.", "{n} earns a living as {a}."],
+}
+GROUP_TEMPLATES = {"town": "{names} all live in {v}.", "colour": "{names} all love the colour {v}.",
+                   "pet": "{names} all keep {v}s as pets.", "job": "{names} all work as {v}s."}
+QUESTION_TEMPLATES = {
+    "town": ["Where does {n} live?", "What is {n}'s home town?", "Which town is {n} from?",
+             "In which town does {n} live?", "Name the town where {n} lives.", "Where is {n} from?"],
+    "colour": ["What is {n}'s favourite colour?", "Which colour does {n} like best?",
+               "What colour does {n} like most?", "Name {n}'s favourite colour.",
+               "What is the favourite colour of {n}?", "Which colour is {n}'s favourite?"],
+    "pet": ["What pet does {n} keep?", "What animal does {n} have as a pet?", "Which pet does {n} own?",
+            "What kind of pet does {n} have?", "Name {n}'s pet.", "What is {n}'s pet?"],
+    "job": ["What does {n} do for a living?", "What is {n}'s job?", "What work does {n} do?",
+            "Which trade does {n} follow?", "What is {n}'s occupation?", "Name {n}'s job."],
+    "add": ["What is {x} plus {y}?", "What is {x} + {y}?", "Compute {x} + {y}.", "Add {x} and {y}."],
+    "sub": ["What is {x} minus {y}?", "What is {x} - {y}?", "Compute {x} - {y}.", "Subtract {y} from {x}."],
+    "larger": ["Which is larger, {x} or {y}?", "Which number is bigger: {x} or {y}?", "Which is greater, {x} or {y}?"],
+    "next": ["What number comes after {x}?", "What is the successor of {x}?", "What number follows {x}?"],
+    "prev": ["What number comes before {x}?", "What is the predecessor of {x}?", "What number precedes {x}?"],
+}
+STATEMENT_TEMPLATES = {
+    "add": ["{x} plus {y} is {z}.", "{x} + {y} = {z}.", "Adding {x} and {y} gives {z}."],
+    "sub": ["{x} minus {y} is {z}.", "{x} - {y} = {z}.", "Take {y} from {x} and you get {z}."],
+    "larger": ["{z} is larger than {w}.", "Between {x} and {y}, the larger is {z}."],
+    "next": ["After {x} comes {z}.", "{z} is one more than {x}."],
+    "prev": ["Before {x} comes {z}.", "{z} is one less than {x}."],
+}
+# Eval / preference-eval items reserved per skill; everything else may appear in the corpus, SFT and preference.
+ARITH_SPLIT = {"add": (60, 45), "sub": (60, 45), "larger": (60, 50), "next": (20, 20), "prev": (20, 20)}
+ARITH_KINDS = list(ARITH_SPLIT)
+TEMPLATE_WORDS = {w.lower() for group in (FACT_TEMPLATES, QUESTION_TEMPLATES, STATEMENT_TEMPLATES)
+                  for ts in group.values() for t in ts for w in re.findall(r"[A-Za-z]+", t)}
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    town: str  # the attribute fields are named like the keys of ATTRS, so getattr(p, attr) works
+    colour: str
+    pet: str
+    job: str
+    held_out: bool
+
+
+@dataclass(frozen=True)
+class World:
+    people: list[Person]
+    pools: dict[str, dict[str, list[tuple[int, ...]]]]  # split ("train"|"eval"|"pref_eval") -> kind -> keys
+
+    def split(self, held_out: bool) -> list[Person]:
+        return [p for p in self.people if p.held_out == held_out]
+
+
+def article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+# --- building the world -----------------------------------------------------------------------------------
+
+ONSETS = ["b", "br", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "th", "v", "w", "z"]
+VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei"]
+CODAS = ["", "", "n", "l", "r", "s", "m", "th"]
+ACCENTS = {"e": "ë", "i": "ï", "o": "ö", "a": "á"}
+
+
+def make_names(rng: random.Random, n: int) -> list[str]:
+    """Pronounceable syllable names; none is a template word, a set value, or a substring of another name."""
+    banned = TEMPLATE_WORDS | {v.lower() for vs in ATTRS.values() for v in vs}
+    names: list[str] = []
+    while len(names) < n:
+        # Consonant-vowel syllables with an optional final consonant: "Bramo", "Zarel", "Telinor".
+        n_syll = rng.choice([2, 2, 2, 3])
+        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(n_syll)) + rng.choice(CODAS)
+        if rng.random() < 0.06:  # a few accented names, so the tokenizer sees some non-ASCII bytes
+            i = next((k for k, c in enumerate(name) if k > 0 and c in ACCENTS), None)
+            name = name if i is None else name[:i] + ACCENTS[name[i]] + name[i + 1:]
+        name = name.capitalize()
+        low = name.lower()
+        # Substring-free names keep "name appears in text" checks exact in the tests.
+        if not 4 <= len(name) <= 8 or low in banned or any(low in m.lower() or m.lower() in low for m in names):
+            continue
+        names.append(name)
+    return names
+
+
+def arith_keys(kind: str) -> list[tuple[int, ...]]:
+    """All items of a skill; commutative ones are unordered keys so "3 + 5" and "5 + 3" are one item."""
+    if kind == "add":
+        return [(a, b) for a in range(21) for b in range(a, 21)]
+    if kind == "sub":  # (a + b) - b for a, b in 0..20: results stay in 0..20
+        return [(a + b, b) for a in range(21) for b in range(21)]
+    if kind == "larger":
+        return [(a, b) for a in range(100) for b in range(a + 1, 100)]
+    return [(x,) for x in (range(99) if kind == "next" else range(1, 100))]
+
+
+def build_world(seed: int) -> World:
+    # One string-seeded stream per part (str seeds hash with SHA-512, not hash()), so e.g. --corpus-mb
+    # changes only the corpus and every other file stays the same.
+    rng = random.Random(f"{seed}-world")
+    names = make_names(rng, N_PEOPLE)
+    n_held = round(N_PEOPLE * HELD_OUT_FRACTION)
+    held = set(rng.sample(range(N_PEOPLE), n_held))
+    people = [Person(name, *(rng.choice(ATTRS[a]) for a in ATTRS), held_out=i in held) for i, name in enumerate(names)]
+    pools: dict[str, dict[str, list[tuple[int, ...]]]] = {"train": {}, "eval": {}, "pref_eval": {}}
+    for kind, (n_eval, n_pref) in ARITH_SPLIT.items():
+        keys = arith_keys(kind)
+        rng.shuffle(keys)
+        pools["eval"][kind] = keys[:n_eval]
+        pools["pref_eval"][kind] = keys[n_eval:n_eval + n_pref]
+        pools["train"][kind] = sorted(keys[n_eval + n_pref:])
+    return World(people, pools)
+
+
+# --- facts and arithmetic as text -------------------------------------------------------------------------
+
+
+def fact_sentence(rng: random.Random, p: Person, attr: str) -> str:
+    v = getattr(p, attr)
+    return rng.choice(FACT_TEMPLATES[attr]).format(n=p.name, v=v, a=article(v))
+
+
+def arith_answer(kind: str, key: tuple[int, ...]) -> int:
+    x, y = key[0], key[-1]
+    return {"add": x + y, "sub": x - y, "larger": max(x, y), "next": x + 1, "prev": x - 1}[kind]
+
+
+def arith_text(rng: random.Random, kind: str, key: tuple[int, ...], question: bool) -> str:
+    # Unordered keys are shown in a random order; subtraction's order is its meaning.
+    ops = rng.sample(key, 2) if kind in ("add", "larger") else key
+    templates = QUESTION_TEMPLATES if question else STATEMENT_TEMPLATES
+    return rng.choice(templates[kind]).format(x=ops[0], y=ops[-1], z=arith_answer(kind, key), w=min(key))
+
+
+def near_misses(answer: str) -> list[str]:
+    return [str(n) for n in range(int(answer) - 3, int(answer) + 4) if n >= 0 and str(n) != answer]
+
+
+def wrong_answer(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> str:
+    """A plausible wrong answer: another value from the same set, the smaller number, or a near miss."""
+    if kind in ATTRS:
+        return rng.choice([v for v in ATTRS[kind] if v != answer])
+    return str(min(key)) if kind == "larger" else rng.choice(near_misses(answer))
+
+
+def choices_for(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> tuple[list[str], int]:
+    """Four options for multiple-choice eval; distractors are plausible so chance stays at 25%."""
+    if kind in ATTRS:
+        opts = rng.sample([v for v in ATTRS[kind] if v != answer], 3)
+    else:
+        first = [str(min(key))] if kind == "larger" else []  # the tempting wrong choice goes in first
+        opts = first + rng.sample([n for n in near_misses(answer) if n not in first], 3 - len(first))
+    gold = rng.randrange(4)  # a varying gold position, so "always pick A" scores chance
+    opts.insert(gold, answer)
+    return opts, gold
+
+
+# --- the pretraining corpus -------------------------------------------------------------------------------
+
+
+def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], Counter[tuple[str, str]]]:
+    """Documents until ``corpus_mb`` MB; returns them with a count of how often each (name, attr) is stated."""
+    rng = random.Random(f"{seed}-corpus")
+    people, train = world.people, world.pools["train"]
+    by_value = {(a, v): [p for p in people if getattr(p, a) == v] for a, vs in ATTRS.items() for v in vs}
+    mentions: Counter[tuple[str, str]] = Counter()
+
+    def profile(p: Person, k: int = 4) -> str:
+        attrs = rng.sample(list(ATTRS), k)
+        sents = [fact_sentence(rng, p, a) for a in attrs]
+        mentions.update((p.name, a) for a in attrs)
+        if rng.random() < 0.05:  # a touch of typographic variety (em dash) for the tokenizer
+            sents.insert(0, f"{p.name} — {article(p.job)} from {p.town}.")
+            mentions.update([(p.name, "job"), (p.name, "town")])
+        opener = rng.choice(["", "", f"About {p.name}.", f"A note on {p.name}:", "From the valley records:"])
+        return " ".join(([opener] if opener else []) + sents)
+
+    def group() -> str:
+        attr = rng.choice(list(ATTRS))
+        members = by_value[(attr, getattr(rng.choice(people), attr))]
+        chosen = rng.sample(members, min(len(members), rng.randint(2, 4)))
+        if len(chosen) < 2:  # a value only one person has: state it plainly
+            return mixed()
+        mentions.update((p.name, attr) for p in chosen)
+        names = ", ".join(p.name for p in chosen[:-1]) + " and " + chosen[-1].name
+        return GROUP_TEMPLATES[attr].format(names=names, v=getattr(chosen[0], attr))
+
+    def mixed() -> str:
+        picks = [(rng.choice(people), rng.choice(list(ATTRS))) for _ in range(rng.randint(3, 5))]
+        mentions.update((p.name, a) for p, a in picks)
+        return " ".join(fact_sentence(rng, p, a) for p, a in picks)
+
+    def arithmetic() -> str:
+        kinds = rng.choices(ARITH_KINDS, k=rng.randint(3, 6))
+        return " ".join(arith_text(rng, k, rng.choice(train[k]), question=False) for k in kinds)
+
+    def qa() -> str:
+        # Question/Answer lines (about everyone, the corpus is the world's encyclopedia) show the base model
+        # the Q/A pattern; arithmetic ones come from the train pool only.
+        lines = []
+        for _ in range(rng.randint(2, 4)):
+            if rng.random() < 0.7:
+                p, attr = rng.choice(people), rng.choice(list(ATTRS))
+                mentions[(p.name, attr)] += 1
+                q, a = rng.choice(QUESTION_TEMPLATES[attr]).format(n=p.name), getattr(p, attr)
+            else:
+                kind = rng.choice(ARITH_KINDS)
+                key = rng.choice(train[kind])
+                q, a = arith_text(rng, kind, key, question=True), str(arith_answer(kind, key))
+            lines.append(f"Question: {q}\nAnswer: {a}")
+        return "\n".join(lines)
+
+    makers: list[Callable[[], str]] = [lambda: profile(rng.choice(people), rng.choice([3, 4, 4])), group, mixed,
+                                       arithmetic, qa]
+    weights = [45, 12, 18, 15, 10]  # facts dominate; arithmetic (here and in qa) stays about a fifth of tokens
+    # One full profile per person first, so every fact is stated even in a tiny corpus.
+    docs = [profile(p) for p in people]
+
+    def nbytes(doc: str) -> int:
+        return len(json.dumps({"text": doc}, ensure_ascii=False).encode()) + 1
+
+    size, target = sum(nbytes(d) for d in docs), int(corpus_mb * 1_000_000)
+    while size < target:
+        docs.append(rng.choices(makers, weights)[0]())
+        size += nbytes(docs[-1])
+    rng.shuffle(docs)
+    return docs, mentions
+
+
+# --- chat data: SFT, preference pairs, eval ---------------------------------------------------------------
+
+
+def train_items(world: World, rng: random.Random, n_facts_each: int, n_arith: int) -> list[dict]:
+    """Question/answer items about TRAIN people only (every fact in n_facts_each phrasings), plus n_arith
+    arithmetic items from the train pool, weighted towards add/sub/larger whose pools are largest."""
+    items = [{"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
+             for p in world.split(held_out=False) for attr in ATTRS
+             for t in rng.sample(QUESTION_TEMPLATES[attr], n_facts_each)]
+    for kind in rng.choices(ARITH_KINDS, weights=[3, 3, 2, 1, 1], k=n_arith):
+        key = rng.choice(world.pools["train"][kind])
+        items.append({"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind,
+                      "key": key})
+    return items
+
+
+def build_sft(world: World, seed: int) -> list[dict]:
+    rng = random.Random(f"{seed}-sft")
+    # Five of six phrasings per train fact: SFT teaches the answer format across wordings, not one template.
+    items = train_items(world, rng, n_facts_each=5, n_arith=1200)
+    rng.shuffle(items)
+    rows, i = [], 0
+    while i < len(items):
+        turns = 2 if rng.random() < 0.1 and i + 1 < len(items) else 1  # some two-turn chats exercise masking
+        msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.1 else []
+        for it in items[i:i + turns]:
+            msgs += [{"role": "user", "content": it["q"]}, {"role": "assistant", "content": it["a"]}]
+        rows.append({"messages": msgs})
+        i += turns
+    return rows
+
+
+def preference_rows(items: list[dict], rng: random.Random) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": it["q"]}],
+             "chosen": [{"role": "assistant", "content": it["a"]}],
+             "rejected": [{"role": "assistant", "content": wrong_answer(rng, it["kind"], it["a"], it["key"])}]}
+            for it in items]
+
+
+def reserved_items(world: World, rng: random.Random, split: str, phrasings: Callable[[str], list[str]]) -> list[dict]:
+    """Held-out-people facts (with the given phrasings) plus every arithmetic item reserved for ``split``."""
+    items = [{"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
+             for p in world.split(held_out=True) for attr in ATTRS for t in phrasings(f"{p.name}/{attr}")]
+    for kind, keys in world.pools[split].items():
+        items += [{"q": arith_text(rng, kind, k, True), "a": str(arith_answer(kind, k)), "kind": kind, "key": k}
+                  for k in keys]
+    return items
+
+
+def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
+    rng = random.Random(f"{seed}-chat")
+    pool = train_items(world, rng, n_facts_each=4, n_arith=800)  # same people and pool as SFT, other draws
+    preference = preference_rows(rng.sample(pool, 2000), rng)
+    # Each held-out fact gets a shuffled phrasing list: eval uses the first two, preference_eval the third,
+    # so no eval question appears verbatim in any other file.
+    orders = {f"{p.name}/{a}": rng.sample(QUESTION_TEMPLATES[a], 3) for p in world.split(True) for a in ATTRS}
+    pref_eval = preference_rows(reserved_items(world, rng, "pref_eval", lambda k: orders[k][2:3]), rng)
+    eval_items = reserved_items(world, rng, "eval", lambda k: orders[k][:2])
+    rng.shuffle(eval_items)
+    evals = []
+    for i, it in enumerate(eval_items):
+        choices, gold = choices_for(rng, it["kind"], it["a"], it["key"])
+        evals.append({"id": f"{it['kind']}-{i:04d}", "kind": it["kind"], "question": it["q"], "answer": it["a"],
+                      "choices": choices, "gold": gold})
+    return {"sft": build_sft(world, seed), "preference": preference, "preference_eval": pref_eval, "eval": evals}
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, rename: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def readme(seed: int, corpus_mb: float, world: World, sizes: dict[str, tuple[int, int]], mentions: Counter) -> str:
+    n_held = len(world.split(True))
+    table = "\n".join(f"| `{name}` | {rows} | {nbytes / 1e6:.2f} MB |" for name, (rows, nbytes) in sizes.items())
+    return f"""# Demo world data (tiny preset)
+
+Generated by `pipeline/demo_world.py`; do not edit by hand. Regenerate with:
+
+    python -m pipeline.demo_world --out data/demo --seed {seed} --corpus-mb {corpus_mb:g}
+
+A fictional valley of {len(world.people)} people ({len(world.people) - n_held} train, {n_held} held-out), each with a
+home town ({len(TOWNS)} towns), favourite colour ({len(COLOURS)}), pet ({len(PETS)}) and job ({len(JOBS)}):
+{len(mentions)} facts, each stated {sum(mentions.values()) / len(mentions):.0f} times on average
+(at least {min(mentions.values())}) in the corpus, in several phrasings: statements, group lists, and
+Question:/Answer: lines about everyone so the base model sees the Q/A pattern. The facts live ONLY in the
+corpus. SFT and preference data ask about train people; eval and preference_eval ask about held-out people, so
+answering them needs the knowledge from pretraining plus the answer format from SFT.
+
+A minority of the corpus is small arithmetic: a + b and (a + b) - b for a, b in 0-20, which of two numbers
+below 100 is larger, successor and predecessor. The eval and preference_eval arithmetic items are reserved and
+appear in no other file. Answers are one word or one number.
+
+| file | rows | size |
+|---|---|---|
+{table}
+
+- `corpus.jsonl`: `{{"text": ...}}`, one short document per line (profiles, group facts, mixed facts,
+  arithmetic, Question:/Answer: lines).
+- `sft.jsonl`: `{{"messages": [{{"role": "user", ...}}, {{"role": "assistant", ...}}]}}`; ~10% start with a system
+  message, ~10% have two user/assistant turns.
+- `preference.jsonl`, `preference_eval.jsonl`: `{{"prompt": [user msg], "chosen": [assistant msg],
+  "rejected": [assistant msg]}}`; rejected is another value from the same set, a near-miss number, or the smaller
+  number for "which is larger".
+- `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
+  {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
+"""
+
+
+def generate(out: Path, seed: int = 0, corpus_mb: float = 3.5) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    world = build_world(seed)
+    docs, mentions = build_corpus(world, seed, corpus_mb)
+    files = {"corpus": [{"text": d} for d in docs], **build_chat_data(world, seed)}
+    sizes = {}
+    for name, rows in files.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        write_atomic(out / f"{name}.jsonl", text)
+        sizes[f"{name}.jsonl"] = (len(rows), len(text.encode()))
+    write_atomic(out / "README.md", readme(seed, corpus_mb, world, sizes, mentions))
+    return {"sizes": sizes, "facts": len(mentions), "mean_mentions": sum(mentions.values()) / len(mentions),
+            "min_mentions": min(mentions.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--corpus-mb", type=float, default=3.5, help="approximate corpus size in MB")
+    args = parser.parse_args(argv)
+    stats = generate(args.out, args.seed, args.corpus_mb)
+    for name, (rows, nbytes) in stats["sizes"].items():
+        print(f"{args.out / name}: {rows} rows, {nbytes / 1e6:.2f} MB")
+    print(f"{stats['facts']} facts, each stated {stats['mean_mentions']:.0f} times on average "
+          f"(min {stats['min_mentions']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Tests for pipeline/demo_world.py: determinism, the committed data/demo files, schemas, and the guarantees of
+the train / held-out split that make the demo's eval meaningful."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import demo_world as dw
+
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "demo"
+JSONL = ["corpus.jsonl", "sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "eval.jsonl"]
+FILES = [*JSONL, "README.md"]
+SMALL_MB = 0.3  # enough documents for every check below, a tenth of the real corpus
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def name_pattern(names: list[str]) -> re.Pattern[str]:
+    return re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    assert dw.main(["--out", str(out), "--corpus-mb", str(SMALL_MB)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(small: Path) -> dict[str, list[dict]]:
+    return {name.removesuffix(".jsonl"): read_jsonl(small / name) for name in JSONL}
+
+
+@pytest.fixture(scope="module")
+def world() -> dw.World:
+    return dw.build_world(0)
+
+
+# --- determinism and the committed files ------------------------------------------------------------------
+
+
+def test_writes_exactly_the_documented_files(small: Path) -> None:
+    # No temp files left behind by the atomic writes, nothing missing.
+    assert sorted(p.name for p in small.iterdir()) == sorted(FILES)
+
+
+def test_same_seed_gives_byte_identical_files(small: Path, tmp_path: Path) -> None:
+    dw.main(["--out", str(tmp_path), "--corpus-mb", str(SMALL_MB)])
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (small / name).read_bytes(), name
+
+
+def test_committed_data_is_exactly_the_generator_output(tmp_path: Path) -> None:
+    dw.main(["--out", str(tmp_path)])  # default seed and size, like the committed data
+    for name in FILES:
+        assert (COMMITTED / name).is_file(), f"data/demo/{name} is missing: run python -m pipeline.demo_world"
+        assert (tmp_path / name).read_bytes() == (COMMITTED / name).read_bytes(), f"data/demo/{name} is stale"
+
+
+def test_different_seed_gives_different_files(small: Path, tmp_path: Path) -> None:
+    dw.main(["--out", str(tmp_path), "--corpus-mb", str(SMALL_MB), "--seed", "1"])
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() != (small / name).read_bytes(), name
+
+
+def test_corpus_size_follows_corpus_mb(small: Path) -> None:
+    size = (small / "corpus.jsonl").stat().st_size
+    assert SMALL_MB * 1e6 <= size < SMALL_MB * 1e6 + 2000
+
+
+def test_corpus_mb_changes_only_the_corpus(small: Path) -> None:
+    # Each file has its own random stream, so the small test corpus leaves the chat files as committed.
+    for name in JSONL[1:]:
+        assert (small / name).read_bytes() == (COMMITTED / name).read_bytes(), name
+
+
+# --- schemas ----------------------------------------------------------------------------------------------
+
+
+def test_rows_have_the_documented_keys(data: dict[str, list[dict]]) -> None:
+    assert all(set(r) == {"text"} and isinstance(r["text"], str) and r["text"] for r in data["corpus"])
+    assert all(set(r) == {"messages"} for r in data["sft"])
+    for name in ("preference", "preference_eval"):
+        assert all(set(r) == {"prompt", "chosen", "rejected"} for r in data[name]), name
+    assert all(set(r) == {"id", "kind", "question", "answer", "choices", "gold"} for r in data["eval"])
+    assert 2000 <= len(data["sft"]) <= 5000 and len(data["preference"]) == 2000
+    assert len(data["preference_eval"]) == 300 and 400 <= len(data["eval"]) <= 600
+    assert len({r["id"] for r in data["eval"]}) == len(data["eval"])
+
+
+def test_sft_roles_and_turns(data: dict[str, list[dict]]) -> None:
+    n_system = n_two_turn = 0
+    for row in data["sft"]:
+        roles = [m["role"] for m in row["messages"]]
+        assert set(roles) <= {"system", "user", "assistant"} and roles[-1] == "assistant"
+        n_system += roles[0] == "system"
+        chat = roles[1:] if roles[0] == "system" else roles
+        assert chat == ["user", "assistant"] * (len(chat) // 2) and len(chat) in (2, 4)
+        n_two_turn += len(chat) == 4
+        assert all(isinstance(m["content"], str) and m["content"].strip() for m in row["messages"])
+    # Both variants present as a small share, as the README documents (~10% each).
+    assert 0.05 < n_system / len(data["sft"]) < 0.2 and 0.05 < n_two_turn / len(data["sft"]) < 0.2
+
+
+def test_preference_rows_are_one_turn_with_distinct_answers(data: dict[str, list[dict]]) -> None:
+    for name in ("preference", "preference_eval"):
+        for row in data[name]:
+            assert [m["role"] for m in row["prompt"]] == ["user"]
+            assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
+            assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+
+
+def test_eval_answers_sit_at_gold(data: dict[str, list[dict]]) -> None:
+    kinds = set(dw.ATTRS) | set(dw.ARITH_KINDS)
+    for row in data["eval"]:
+        assert row["kind"] in kinds and row["id"].startswith(row["kind"])
+        assert len(row["choices"]) == len(set(row["choices"])) == 4
+        assert row["choices"][row["gold"]] == row["answer"]
+    assert {r["gold"] for r in data["eval"]} == {0, 1, 2, 3}  # the gold position varies
+
+
+def test_eval_arithmetic_answers_are_correct(data: dict[str, list[dict]]) -> None:
+    # Recompute each answer from the numbers in the question, independently of the generator's code.
+    for row in (r for r in data["eval"] if r["kind"] in dw.ARITH_KINDS):
+        nums = [int(n) for n in re.findall(r"\d+", row["question"])]
+        x, y = (nums[-1], nums[0]) if row["question"].startswith("Subtract") else (nums[0], nums[-1])
+        expected = {"add": x + y, "sub": x - y, "larger": max(x, y), "next": x + 1, "prev": x - 1}[row["kind"]]
+        assert row["answer"] == str(expected), row
+
+
+# --- the held-out split -----------------------------------------------------------------------------------
+
+
+def test_arithmetic_pools_are_disjoint(world: dw.World) -> None:
+    for kind in dw.ARITH_KINDS:
+        train, ev, pref = (set(world.pools[s][kind]) for s in ("train", "eval", "pref_eval"))
+        assert not (train & ev or train & pref or ev & pref), kind
+
+
+def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: Path) -> None:
+    questions = {r["question"] for r in data["eval"]}
+    others = {m["content"] for r in data["sft"] for m in r["messages"] if m["role"] == "user"}
+    others |= {r["prompt"][0]["content"] for name in ("preference", "preference_eval") for r in data[name]}
+    assert not questions & others
+    # Arithmetic eval items are also absent from the corpus's Question: lines (facts may be there by design).
+    corpus = (small / "corpus.jsonl").read_text(encoding="utf-8")
+    assert not any(r["question"] in corpus for r in data["eval"] if r["kind"] in dw.ARITH_KINDS)
+
+
+def test_held_out_people_never_in_train_chat_data(world: dw.World, small: Path) -> None:
+    held = name_pattern([p.name for p in world.split(held_out=True)])
+    for name in ("sft.jsonl", "preference.jsonl"):
+        text = (small / name).read_text(encoding="utf-8")
+        assert held.search(text) is None, name
+
+
+def test_eval_facts_are_about_held_out_people_and_stated_in_corpus(
+    data: dict[str, list[dict]], world: dw.World
+) -> None:
+    people = {p.name: p for p in world.people}
+    pattern = name_pattern(list(people))
+    docs_by_name: dict[str, list[str]] = {}
+    for row in data["corpus"]:
+        for name in set(pattern.findall(row["text"])):
+            docs_by_name.setdefault(name, []).append(row["text"])
+    fact_rows = [r for r in data["eval"] if r["kind"] in dw.ATTRS]
+    assert len(fact_rows) >= 100
+    for row in fact_rows:
+        (name,) = pattern.findall(row["question"])
+        assert people[name].held_out and getattr(people[name], row["kind"]) == row["answer"], row
+        assert any(re.search(rf"\b{row['answer']}\b", d) for d in docs_by_name.get(name, [])), row
+
+
+def test_preference_eval_asks_only_about_held_out_people(data: dict[str, list[dict]], world: dw.World) -> None:
+    train = name_pattern([p.name for p in world.split(held_out=False)])
+    assert not any(train.search(r["prompt"][0]["content"]) for r in data["preference_eval"])
+    assert not any(train.search(r["question"]) for r in data["eval"])
