@@ -13,11 +13,12 @@ import importlib
 import sys
 import textwrap
 
-from pipeline.config import DataConfig, UserError, describe_fields, load_config
+from pipeline.config import DataConfig, StageFailed, UserError, describe_fields, load_config
 
 # stage name -> (module, one-line summary)
 STAGES = {
     "tokenizer": ("pipeline.stages.tokenizer", "train a byte-level BPE tokenizer with chat tokens"),
+    "pretrain": ("pipeline.stages.pretrain", "train a causal LM from scratch (or continue one) on packed text"),
 }
 EXIT_BAD_INPUT = 2
 
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config or 'command line'}: valid {stage} config")
             return 0
         module.run(cfg)
+    except StageFailed as exc:
+        print(f"{prog}: failed: {exc}", file=sys.stderr)
+        return 1
     except UserError as exc:
         for problem in exc.problems:
             print(f"{prog}: error: {problem}", file=sys.stderr)

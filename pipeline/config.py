@@ -30,6 +30,10 @@ class UserError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class StageFailed(Exception):
+    """A stage cannot go on (e.g. non-finite loss); the message says what is kept and what to do. Exit code 1."""
+
+
 class ConfigError(UserError):
     """One or more problems in a stage config."""
 

@@ -195,3 +195,29 @@ def encode_and_pack(tokenizer, texts: list[str], block_size: int, eos_id: int) -
     flat[ends - 1] = eos_id
     usable = (len(flat) // block_size) * block_size
     return flat[:usable].reshape(-1, block_size)
+
+
+def pack_dataset(docs, tokenizer, block_size: int, tokenizer_hash: str, num_proc: int = 1):
+    """Tokenize a dataset of documents ('text') into fixed blocks of `block_size` tokens, EOS between documents.
+
+    Map-style input is processed with `num_proc` workers and cached by `datasets` under a fingerprint made from the
+    data, the tokenizer's content hash and the block size: a second run on unchanged inputs reuses the cache.
+    Streaming input is packed lazily as it is read.
+    """
+    import hashlib
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("tokenizer: it has no eos_token; pretraining puts EOS between documents")
+
+    def pack(batch):
+        return {"input_ids": encode_and_pack(tokenizer, [t for t in batch["text"] if t], block_size, eos)}
+
+    remove = [c for c in (docs.column_names or ["text"])]
+    if not hasattr(docs, "_fingerprint"):  # IterableDataset
+        return docs.map(pack, batched=True, batch_size=1000, remove_columns=remove)
+    key = f"{docs._fingerprint}-{tokenizer_hash}-{block_size}-pack-v1".encode()
+    return docs.map(
+        pack, batched=True, batch_size=1000, remove_columns=remove, num_proc=num_proc if len(docs) > 1000 else None,
+        new_fingerprint=hashlib.sha256(key).hexdigest()[:16], desc=f"tokenize + pack into {block_size}-token blocks",
+    )  # fmt: skip
