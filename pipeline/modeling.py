@@ -1,0 +1,189 @@
+"""Models: build a Llama-style decoder from size fields, or load any causal LM; count parameters and FLOPs.
+
+A from-scratch model takes its vocabulary and special-token ids from a tokenizer artifact, so the two always agree.
+Loading is safe by default: safetensors only, `trust_remote_code` off unless the config turns it on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.artifacts import MANIFEST
+from pipeline.config import UserError, config, field
+
+# Architectures that share Llama's config fields; pick one with model.family.
+FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}
+
+# Dense bf16 tensor-core peak FLOP/s per device, from vendor data sheets (no sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+    "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+    "V100": 125e12, "T4": 65e12, "MI300X": 1307e12, "MI250X": 383e12,
+}  # fmt: skip
+
+
+@config
+class ModelConfig:
+    """Either init_from (continue a model) or the size fields (a new Llama-style model)."""
+
+    init_from: str | None = field(
+        None, "Continue from this model: a pretrain/sft artifact folder, a local HF model folder, or a hub name."
+    )
+    family: str = field("llama", "Architecture of a new model: llama, qwen2 or mistral (same size fields).")
+    hidden_size: int = field(128, "Width of the residual stream.", ge=8)
+    num_layers: int = field(4, "Number of transformer blocks.", ge=1)
+    num_heads: int = field(4, "Attention heads.", ge=1)
+    num_kv_heads: int | None = field(None, "Key/value heads for grouped-query attention (None: = num_heads).", ge=1)
+    intermediate_size: int | None = field(None, "MLP width (None: ~8/3 x hidden, rounded up to 32).", ge=1)
+    max_seq_len: int = field(256, "Context length (max_position_embeddings).", ge=8)
+    rope_theta: float = field(10000.0, "RoPE base frequency.", gt=0)
+    tie_embeddings: bool = field(True, "Share the input embedding with the output projection (saves params).")
+    dropout: float = field(0.0, "Attention dropout probability during training.", ge=0.0, lt=1.0)
+    rms_norm_eps: float = field(1e-5, "Epsilon of the RMSNorm layers.", gt=0)
+    initializer_range: float = field(0.02, "Std of the normal initialisation of weights.", gt=0)
+    attn_implementation: str = field("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (GPU).")
+    trust_remote_code: bool = field(False, "Allow init_from models that ship their own Python code. Off: safe.")
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.family not in FAMILIES:
+            problems.append(f"family: got {self.family!r}, expected one of {', '.join(FAMILIES)}")
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            problems.append(f"num_heads {self.num_heads} must be divisible by num_kv_heads {kv}")
+        return problems
+
+
+def resolve_model_path(path: str) -> str:
+    """A pipeline artifact folder stands for its model/ subfolder; anything else is passed on as is."""
+    folder = Path(path)
+    if (folder / MANIFEST).is_file() and (folder / "model").is_dir():
+        return str(folder / "model")
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise UserError(
+            f"model.init_from: {path} is a folder without config.json or manifest.json; "
+            "if it is a pipeline stage folder, that stage has not finished"
+        )
+    return path
+
+
+def resolve_tokenizer_path(path: str) -> str:
+    """A tokenizer (or model) artifact folder stands for its tokenizer/ or model/ subfolder; it must be finished."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "tokenizer_config.json").is_file():
+        if not (folder / MANIFEST).is_file():
+            raise UserError(
+                f"tokenizer: {path} is unfinished (no manifest.json) or not a tokenizer folder; "
+                "re-run the tokenizer stage that writes it"
+            )
+        for sub in ("tokenizer", "model"):
+            if (folder / sub / "tokenizer_config.json").is_file():
+                return str(folder / sub)
+        raise UserError(f"tokenizer: {path} holds no tokenizer/ or model/ folder with a tokenizer")
+    return path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_tokenizer_path(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"tokenizer: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+
+
+def default_intermediate_size(hidden: int) -> int:
+    # SwiGLU keeps the MLP's parameter count near 4 x hidden^2 with 2/3 of 4 x hidden, rounded for matmuls.
+    return 32 * -(-int(8 * hidden / 3) // 32)
+
+
+def build_model(cfg: ModelConfig, tokenizer, dtype=None):
+    """A new model from the size fields, or the `init_from` model; token ids taken from the tokenizer."""
+    import torch
+    import transformers
+
+    if cfg.init_from:
+        path = resolve_model_path(cfg.init_from)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype or torch.float32, trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=True, attn_implementation=cfg.attn_implementation,
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model.init_from: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        return model
+    config_cls = getattr(transformers, FAMILIES[cfg.family])
+    model_config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or default_intermediate_size(cfg.hidden_size),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_dropout=cfg.dropout,
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_config._attn_implementation = cfg.attn_implementation
+    model = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype or torch.float32)
+    return model
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Total parameters, and those that take part in matmuls (the input embedding is a lookup, not a matmul)."""
+    params = {id(p): p for p in model.parameters()}  # tied weights counted once
+    total = sum(p.numel() for p in params.values())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    matmul = total - (0 if tied else embedding.numel())
+    return {"total": total, "matmul": matmul, "embedding": embedding.numel()}
+
+
+def training_flops_per_token(model, seq_len: int) -> float:
+    """FLOPs to train on one token: 6 per matmul parameter (forward 2, backward 4), plus attention scores and
+    values, 12 x layers x width x context (the PaLM appendix B formula)."""
+    config = model.config
+    matmul = count_parameters(model)["matmul"]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * seq_len
+    return 6 * matmul + attention
+
+
+def peak_flops(device) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the number comes from: the data-sheet table for known GPUs, else a
+    fp32 matmul measured now (CPU, unknown GPUs)."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if key in name:
+                return value, f"{name} bf16 data sheet"
+    return measure_matmul_flops(device), f"{device.type} fp32 matmul measured"
+
+
+def measure_matmul_flops(device, size: int = 1024, repeats: int = 5) -> float:
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up caches and kernels
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

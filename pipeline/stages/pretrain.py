@@ -1,0 +1,519 @@
+"""Pretraining stage: a causal LM trained from scratch (or continued) on packed text, with Accelerate.
+
+    llmpipe pretrain --config configs/tiny/pretrain.yaml [tokenizer=runs/tiny/tokenizer] [train.max_steps=300]
+    accelerate launch --config_file launch/accelerate/zero2.yaml -m pipeline.cli pretrain --config ...
+
+Produces `output_dir/model/` (save_pretrained: safetensors + tokenizer + generation config, loads with
+AutoModelForCausalLM), `checkpoints/step_N/` (resumable), `metrics.jsonl` and `manifest.json`.
+
+The loop is our own (as nanochat and torchtitan do) rather than transformers' Trainer: the data order is a pure
+function of (seed, step), so a resumed run replays exactly the batches an uninterrupted one would see, and the
+loop's overhead over a bare PyTorch loop is measured in bench/pretrain.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import atomic_dir, begin_stage, content_hash, describe_input, write_manifest
+from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
+from pipeline.config import DataConfig, StageFailed, UserError, config, field
+from pipeline.data import load_examples, local_files, pack_dataset
+from pipeline.modeling import (
+    ModelConfig,
+    build_model,
+    count_parameters,
+    load_tokenizer,
+    peak_flops,
+    training_flops_per_token,
+)
+from pipeline.tracking import MetricsLog, log
+
+STAGE = "pretrain"
+
+
+@config
+class TrainConfig:
+    seed: int = field(0, "Seed for weight initialisation, data order and dropout.")
+    micro_batch_size: int = field(16, "Sequences per process per forward pass.", ge=1)
+    tokens_per_step: int | None = field(
+        None, "Tokens per optimizer step over all processes; gradient accumulation makes up the difference. "
+        "None: micro_batch_size x seq_len x processes (no accumulation).", ge=1,
+    )  # fmt: skip
+    max_steps: int = field(1000, "Optimizer steps to train.", ge=1)
+    lr: float = field(3e-3, "Peak learning rate.", gt=0)
+    min_lr_ratio: float = field(0.1, "Final learning rate as a share of the peak.", ge=0.0, le=1.0)
+    warmup_steps: int = field(50, "Linear warmup steps from 0 to the peak.", ge=0)
+    schedule: str = field("cosine", "After warmup: cosine, wsd (constant then linear decay), or constant.")
+    decay_fraction: float = field(0.2, "wsd: share of the steps spent decaying at the end.", gt=0.0, le=1.0)
+    weight_decay: float = field(0.1, "AdamW weight decay (not applied to norms and biases).", ge=0.0)
+    betas: tuple[float, float] = field((0.9, 0.95), "AdamW betas.")
+    eps: float = field(1e-8, "AdamW epsilon.", gt=0)
+    grad_clip: float = field(1.0, "Clip the global gradient norm to this (0: no clipping).", ge=0.0)
+    gradient_checkpointing: bool = field(False, "Recompute activations in backward: less memory, ~30% slower.")
+    compile: bool = field(False, "torch.compile the model (GPU; slow to start, not worth it on tiny CPU runs).")
+
+    def check(self) -> list[str]:
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            return [f"schedule: got {self.schedule!r}, expected cosine, wsd or constant"]
+        if self.warmup_steps >= self.max_steps:
+            return [f"warmup_steps {self.warmup_steps} must be below max_steps {self.max_steps}"]
+        return []
+
+
+@config
+class PretrainConfig:
+    output_dir: str = field(help="Folder for this stage's artifact (model/, checkpoints/, metrics.jsonl, ...).")
+    tokenizer: str | None = field(
+        None, "Tokenizer: a tokenizer stage folder or any HF tokenizer path (None: the init_from model's)."
+    )
+    model: ModelConfig = field(factory=ModelConfig, help="The model: new (size fields) or init_from.")
+    data: DataConfig = field(help="Training text, a 'text' column (map another with data.columns).")
+    validation_data: DataConfig | None = field(None, "Held-out text; None: split validation_fraction off data.")
+    validation_fraction: float = field(0.01, "Share of documents held out for validation.", gt=0.0, lt=0.5)
+    seq_len: int | None = field(None, "Tokens per training sequence (None: model.max_seq_len).", ge=8)
+    num_proc: int = field(2, "Worker processes for tokenization (cached on disk afterwards).", ge=1)
+    precision: str = field(
+        "auto", "auto (the launch config's mixed_precision; else bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16."
+    )
+    train: TrainConfig = field(factory=TrainConfig, help="Optimisation.")
+    log_every: int = field(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", ge=1)
+    eval_every: int = field(100, "Validation loss and perplexity every N steps (and at the end).", ge=1)
+    eval_batches: int = field(20, "Micro-batches per process for each validation.", ge=1)
+    checkpoint_every: int = field(100, "Save a resumable checkpoint every N steps.", ge=1)
+    keep_checkpoints: int = field(2, "Keep the newest N checkpoints.", ge=1)
+    resume: str = field("auto", "auto (newest checkpoint in output_dir, if any), never, or a checkpoint path.")
+    report_to: list[str] = field(factory=list, help="Extra trackers: tensorboard and/or wandb.")
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.tokenizer is None and self.model.init_from is None:
+            problems.append("tokenizer: required for a new model (set tokenizer=<tokenizer stage folder>)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision: got {self.precision!r}, expected auto, fp32, bf16 or fp16")
+        if self.seq_len and self.seq_len > self.model.max_seq_len and not self.model.init_from:
+            problems.append(f"seq_len {self.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        unknown = sorted(set(self.report_to) - {"tensorboard", "wandb"})
+        if unknown:
+            problems.append(f"report_to: unknown tracker(s) {unknown}; expected tensorboard or wandb")
+        return problems
+
+
+Config = PretrainConfig
+
+
+# --- helpers ----------------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the configured decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps - max(1, round(cfg.decay_fraction * cfg.max_steps))
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / (cfg.max_steps - decay_start)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class BlockSampler:
+    """Which blocks each rank trains on: a seeded permutation per epoch over an endless stream of samples.
+
+    Optimizer step t uses global samples [t*G, (t+1)*G) (G = sequences per step); micro-step m of rank r takes the
+    (m*world + r)-th slice of `micro` of them. So a resumed run, and a run on more processes with the same G,
+    sees the same samples at the same step.
+    """
+
+    def __init__(self, n_blocks: int, seed: int, micro: int, world: int, accumulation: int):
+        self.n, self.seed, self.micro, self.world, self.accumulation = n_blocks, seed, micro, world, accumulation
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _sample(self, index: np.ndarray) -> np.ndarray:
+        epochs, positions = np.divmod(index, self.n)
+        out = np.empty_like(index)
+        for epoch in np.unique(epochs):
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.seed, int(epoch)]).permutation(self.n)}
+            out[epochs == epoch] = self._perms[epoch][positions[epochs == epoch]]
+        return out
+
+    def indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
+        per_step = self.micro * self.world * self.accumulation
+        start = step * per_step + (micro_step * self.world + rank) * self.micro
+        return self._sample(np.arange(start, start + self.micro))
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices, not norms and biases (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def make_accelerator(cfg: PretrainConfig, accumulation: int, project_dir: Path):
+    """An Accelerator with the launch config's settings; gloo on CPU (DeepSpeed would otherwise pick a GPU
+    backend and every rank would silently act as rank 0)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    precision = cfg.precision
+    if precision == "auto":
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        precision = launched or ("no" if on_cpu or not torch.cuda.is_bf16_supported() else "bf16")
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size() > 1 else []
+    return Accelerator(
+        gradient_accumulation_steps=accumulation,
+        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=on_cpu,
+        log_with=cfg.report_to or None,
+        project_dir=str(project_dir),
+        kwargs_handlers=handlers,
+    )
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class StreamSampler:
+    """Blocks in stream order for `data.streaming`: step t uses blocks [t*G, (t+1)*G) of the packed stream, split
+    across ranks and micro-steps as BlockSampler does. Every rank reads the stream and keeps its own slices; on
+    resume the consumed blocks are read again and skipped (exact, at the cost of re-tokenizing them)."""
+
+    def __init__(self, stream, skip: int, micro: int, world: int, accumulation: int):
+        self.micro, self.world, self.accumulation = micro, world, accumulation
+        self._iter, self._buffer, self._step = self._blocks(stream, skip), None, None
+
+    @staticmethod
+    def _blocks(stream, skip):
+        epoch = 0
+        while True:
+            seen = 0
+            for row in stream:
+                if skip:
+                    skip -= 1
+                    continue
+                seen += 1
+                yield np.asarray(row["input_ids"])
+            if not seen:
+                raise UserError("data: the stream yields no full block; is it shorter than one sequence?")
+            epoch += 1
+            if hasattr(stream, "set_epoch"):
+                stream.set_epoch(epoch)
+
+    def blocks(self, step: int, micro_step: int, rank: int) -> np.ndarray:
+        if self._step != step:
+            per_step = self.micro * self.world * self.accumulation
+            self._buffer, self._step = np.stack([next(self._iter) for _ in range(per_step)]), step
+        start = (micro_step * self.world + rank) * self.micro
+        return self._buffer[start : start + self.micro]
+
+
+def generation_config(tokenizer):
+    """Greedy by default; stop at EOS and at any end-of-turn token the tokenizer has (ours, Llama 3, ChatML)."""
+    from transformers import GenerationConfig
+
+    stops = [tokenizer.eos_token_id]
+    for token in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token in tokenizer.get_vocab() and token_id not in stops:
+            stops.append(token_id)
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False, max_new_tokens=64,
+    )  # fmt: skip
+
+
+def run(cfg: PretrainConfig) -> dict | None:
+    import torch
+    from tqdm.auto import tqdm
+
+    # --- check inputs before any compute: tokenizer, batch arithmetic, data, resume point
+    started = time.time()
+    out = Path(cfg.output_dir)
+    tokenizer_path = cfg.tokenizer or cfg.model.init_from
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    seq_len = cfg.seq_len or cfg.model.max_seq_len
+    world = world_size()
+    micro_tokens = cfg.train.micro_batch_size * seq_len * world
+    tokens_per_step = cfg.train.tokens_per_step or micro_tokens
+    if tokens_per_step % micro_tokens:
+        raise UserError(
+            f"train.tokens_per_step {tokens_per_step} must be a multiple of micro_batch_size x seq_len x processes "
+            f"= {cfg.train.micro_batch_size} x {seq_len} x {world} = {micro_tokens}"
+        )
+    accumulation = tokens_per_step // micro_tokens
+    docs = load_examples(cfg.data, ["text"])
+    val_docs = load_examples(cfg.validation_data, ["text"]) if cfg.validation_data else None
+    resume_from = find_resume_point(out / "checkpoints", cfg.resume)
+
+    accelerator = make_accelerator(cfg, accumulation, out)
+    rank, micro = accelerator.process_index, cfg.train.micro_batch_size
+    if accelerator.is_main_process:
+        begin_stage(out, cfg)
+
+    # --- data: rank 0 tokenizes and packs (cached on disk by content), the other ranks then read the cache
+    if cfg.num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; Rust threads would oversubscribe
+    tokenizer_hash = content_hash(tokenizer_path) if os.path.exists(tokenizer_path) else tokenizer_path
+    with accelerator.main_process_first():
+        if cfg.data.streaming:
+            val_docs = val_docs or docs.take(max(1, round(1 / cfg.validation_fraction)))
+            docs = docs if cfg.validation_data else docs.skip(max(1, round(1 / cfg.validation_fraction)))
+            train_blocks = pack_dataset(docs, tokenizer, seq_len, tokenizer_hash)
+            val_blocks = np.stack(
+                [np.asarray(r["input_ids"]) for r in pack_dataset(val_docs, tokenizer, seq_len, tokenizer_hash)]
+                or [[]]
+            )
+        else:
+            if val_docs is None:
+                split = docs.train_test_split(test_size=cfg.validation_fraction, seed=cfg.train.seed)
+                docs, val_docs = split["train"], split["test"]
+            train_blocks = pack_dataset(docs, tokenizer, seq_len, tokenizer_hash, cfg.num_proc)
+            train_blocks = train_blocks.with_format("numpy")
+            val_blocks = np.asarray(
+                pack_dataset(val_docs, tokenizer, seq_len, tokenizer_hash, cfg.num_proc).with_format("numpy")[
+                    "input_ids"
+                ]
+            )
+    eval_batches = min(cfg.eval_batches, len(val_blocks) // (micro * world))
+    if eval_batches == 0:
+        raise UserError(
+            f"validation: {len(val_blocks)} blocks of {seq_len} tokens, fewer than one micro-batch per process "
+            f"({micro} x {world}); raise validation_fraction or give validation_data"
+        )
+
+    # --- model and optimizer; DeepSpeed gets the batch numbers it cannot infer without a DataLoader
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, tokenizer)
+    model.config.use_cache = False
+    n_params = count_parameters(model)
+    flops_per_token = training_flops_per_token(model, seq_len)
+    log(
+        f"{n_params['total'] / 1e6:.2f}M parameters ({n_params['matmul'] / 1e6:.2f}M in matmuls), "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per token; {world} process(es) x {micro} x {seq_len} tokens "
+        f"x {accumulation} accumulation = {tokens_per_step} tokens per step",
+        STAGE,
+    )
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps
+    )
+    if accelerator.state.deepspeed_plugin is not None:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = micro
+        ds_config["gradient_clipping"] = cfg.train.grad_clip
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step, state = 0, {}
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        start_step = state["step"]
+        log(f"resumed from {resume_from} at step {start_step}", STAGE)
+    if cfg.data.streaming:
+        sampler = StreamSampler(train_blocks, start_step * micro * world * accumulation, micro, world, accumulation)
+        get_batch = sampler.blocks
+    else:
+        sampler = BlockSampler(len(train_blocks), cfg.train.seed, micro, world, accumulation)
+
+        def get_batch(step, micro_step, r):  # noqa: E306
+            return train_blocks[sampler.indices(step, micro_step, r)]["input_ids"]
+
+    if cfg.report_to:
+        accelerator.init_trackers("llmpipe-pretrain", config={"output_dir": str(out)})
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator, start_step if resume_from else None)
+    peak, peak_source = peak_flops(accelerator.device)
+
+    def evaluate() -> float:
+        model.eval()
+        total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+        with torch.no_grad():
+            for b in range(eval_batches):
+                start = (b * world + rank) * micro
+                batch = torch.from_numpy(val_blocks[start : start + micro]).long().to(accelerator.device)
+                loss = model(input_ids=batch, labels=batch).loss
+                total += torch.stack([loss.double() * batch.numel(), torch.tensor(batch.numel(), device=loss.device)])
+        total = accelerator.reduce(total, "sum")
+        model.train()
+        return (total[0] / total[1]).item()
+
+    # --- train
+    model.train()
+    val_loss_initial = state.get("val_loss_initial")
+    if val_loss_initial is None:
+        val_loss_initial = evaluate()
+        metrics_log.write(0, {"val_loss": val_loss_initial, "val_ppl": math.exp(min(val_loss_initial, 50))})
+    first_samples, train_seconds, last = None, state.get("train_seconds", 0.0), {}
+    window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=start_step,
+        disable=not accelerator.is_main_process,
+        desc="pretrain",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    for step in range(start_step, cfg.train.max_steps):
+        step_start = time.perf_counter()
+        lr = learning_rate(step, cfg.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro_step in range(accumulation):
+            blocks = get_batch(step, micro_step, rank)
+            if first_samples is None and not cfg.data.streaming:
+                first_samples = accelerator.gather(torch.as_tensor(sampler.indices(step, 0, rank))).tolist()
+            batch = torch.as_tensor(blocks, dtype=torch.long, device=accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                step_loss += loss.detach() / accumulation
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+                    if not _all_finite(accelerator, step_loss, grad_norm):
+                        raise StageFailed(_diverged_message(out, step, step_loss, grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - step_start
+        train_seconds += seconds
+        window["loss"] += step_loss.item()
+        window["steps"] += 1
+        window["seconds"] += seconds
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.train.max_steps:
+            loss_avg = accelerator.reduce(
+                torch.tensor(window["loss"] / window["steps"], device=accelerator.device), "mean"
+            ).item()
+            tokens_per_second = tokens_per_step * window["steps"] / window["seconds"]
+            last = {
+                "loss": loss_avg,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_second": tokens_per_second,
+                "tokens": done * tokens_per_step,
+                "mfu": tokens_per_second * flops_per_token / (peak * world),
+            }
+            metrics_log.write(done, last)
+            bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
+        if done % cfg.eval_every == 0 or done == cfg.train.max_steps:
+            val_loss = evaluate()
+            last.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+            metrics_log.write(done, {"val_loss": val_loss, "val_ppl": last["val_ppl"]})
+            if accelerator.is_main_process:
+                bar.write(f"step {done}: val loss {val_loss:.4f}, ppl {last['val_ppl']:.2f}")
+        if done % cfg.checkpoint_every == 0 or done == cfg.train.max_steps:
+            save_checkpoint(
+                accelerator,
+                out / "checkpoints",
+                done,
+                {
+                    "val_loss_initial": val_loss_initial,
+                    "train_seconds": train_seconds,
+                    "tokens": done * tokens_per_step,
+                },
+                cfg.keep_checkpoints,
+            )
+    bar.close()
+    if "val_loss" not in last:  # resumed at the very end: nothing trained in this process
+        last["val_loss"] = evaluate()
+        last["val_ppl"] = math.exp(min(last["val_loss"], 50))
+
+    # --- save: a model folder that AutoModelForCausalLM loads, then the manifest, last
+    checksums = _param_checksums(accelerator, model)
+    if checksums and len(set(checksums)) > 1:
+        raise StageFailed(
+            f"parameters differ across ranks after training ({checksums}): the processes did not "
+            "train as one model; check the launch config (see launch/README.md)"
+        )
+    state_dict = accelerator.get_state_dict(model)
+    metrics = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.use_cache = True
+        with atomic_dir(out / "model") as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            generation_config(tokenizer).save_pretrained(tmp)
+        total_tokens = (cfg.train.max_steps - 0) * tokens_per_step
+        metrics = {
+            "parameters": n_params["total"], "parameters_matmul": n_params["matmul"],
+            "flops_per_token": flops_per_token, "steps": cfg.train.max_steps, "tokens": total_tokens,
+            "tokens_per_step": tokens_per_step, "gradient_accumulation": accumulation, "world_size": world,
+            "precision": accelerator.mixed_precision, "val_loss_initial": val_loss_initial,
+            "val_loss": last["val_loss"], "val_ppl": last["val_ppl"], "train_loss": last.get("loss"),
+            "tokens_per_second": total_tokens / max(train_seconds, 1e-9),
+            "mfu": total_tokens / max(train_seconds, 1e-9) * flops_per_token / (peak * world),
+            "peak_flops_per_device": peak, "peak_flops_source": peak_source,
+            "resumed_from_step": start_step if resume_from else None,
+            "first_micro_batch_samples_by_rank": first_samples, "param_checksum_by_rank": checksums,
+        }  # fmt: skip
+        inputs = {"tokenizer": {tokenizer_path: tokenizer_hash}, "data": _describe_data(cfg.data)}
+        if cfg.model.init_from:
+            inputs["init_from"] = describe_input(cfg.model.init_from)
+        write_manifest(out, STAGE, inputs, ["model"], metrics, started)
+        log(
+            f"done: val loss {val_loss_initial:.3f} -> {last['val_loss']:.3f}, "
+            f"{metrics['tokens_per_second']:,.0f} tokens/s, MFU {metrics['mfu']:.1%} -> {out / 'model'}",
+            STAGE,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def _describe_data(data: DataConfig) -> dict:
+    files = local_files(data)
+    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}
+
+
+def _all_finite(accelerator, loss, grad_norm) -> bool:
+    """True when loss and gradient norm are finite on every rank (one all-reduce, so all ranks agree)."""
+    import torch
+
+    bad = (~torch.isfinite(loss)).float()
+    if grad_norm is not None:
+        bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))).float()
+    return accelerator.reduce(bad, "sum").item() == 0
+
+
+def _diverged_message(out: Path, step: int, loss, grad_norm) -> str:
+    from pipeline.checkpoints import list_checkpoints
+
+    kept = list_checkpoints(out / "checkpoints")
+    where = f"the last good checkpoint, {kept[-1]}, is intact" if kept else "no checkpoint had been saved yet"
+    return (
+        f"non-finite training signal at step {step + 1} (loss {float(loss):.4g}, grad norm "
+        f"{float(grad_norm) if grad_norm is not None else 'n/a'}); stopped without saving. {where}. "
+        "Lower train.lr or raise train.warmup_steps, then run again (resume: auto continues from it)."
+    )
+
+
+def _param_checksums(accelerator, model) -> list[float] | None:
+    """Sum of all parameters on each rank, or None where parameters are sharded (ZeRO-3, FSDP)."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    if accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
+        return None
+    total = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
+    return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()

@@ -1,0 +1,177 @@
+"""The pretrain stage through its real entry point: learning, a loadable model, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+from pipeline.stages.pretrain import BlockSampler, TrainConfig, learning_rate
+
+PRETRAIN_YAML = str(REPO / "configs/tiny/pretrain.yaml")
+
+
+def tiny_args(out: Path, tokenizer: Path, corpus: Path, *extra: str) -> list[str]:
+    """A ~60k-parameter model with dropout on (so resume must restore the RNG), 1 tokenizer worker."""
+    return [
+        "pretrain",
+        "--config",
+        PRETRAIN_YAML,
+        f"output_dir={out}",
+        f"tokenizer={tokenizer}",
+        f"data.path={corpus}",
+        "model.hidden_size=32",
+        "model.num_layers=2",
+        "model.num_heads=2",
+        "model.max_seq_len=64",
+        "model.dropout=0.1",
+        "seq_len=32",
+        "train.micro_batch_size=4",
+        "train.max_steps=24",
+        "train.warmup_steps=4",
+        "train.lr=3e-3",
+        "eval_every=12",
+        "eval_batches=4",
+        "checkpoint_every=4",
+        "log_every=4",
+        "num_proc=1",
+        "validation_fraction=0.05",
+        *extra,
+    ]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, trained_tokenizer, small_corpus) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    result = run_cli(*tiny_args(out, trained_tokenizer, small_corpus))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_trains_and_saves_a_model_that_loads_and_generates(pretrained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest = json.loads((pretrained / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["val_loss"] < metrics["val_loss_initial"] - 1.0, metrics
+    assert metrics["steps"] == 24 and metrics["tokens"] == 24 * 4 * 32
+    assert metrics["tokens_per_second"] > 0 and 0 < metrics["mfu"] < 1
+    model = AutoModelForCausalLM.from_pretrained(pretrained / "model")
+    tokenizer = AutoTokenizer.from_pretrained(pretrained / "model")
+    assert model.config.vocab_size == len(tokenizer) and not model.training
+    prompt = tokenizer("the cat", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    lines = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [4, 8, 12, 16, 20, 24]
+    assert all(np.isfinite(r["grad_norm"]) and r["lr"] > 0 for r in lines if "loss" in r)
+    checkpoints = sorted(p.name for p in (pretrained / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000020", "step_0000024"]  # keep_checkpoints: 2
+
+
+def test_sigkill_then_resume_ends_bitwise_identical(tmp_path, pretrained, trained_tokenizer, small_corpus):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipeline.cli", *tiny_args(out, trained_tokenizer, small_corpus)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step_0000008").exists():  # killed mid-run, after two checkpoints
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()  # an interrupted stage never looks finished
+    assert not (out / "model").exists()
+    resumed = run_cli(*tiny_args(out, trained_tokenizer, small_corpus))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_step"] >= 8
+    reference, result = weights(pretrained), weights(out)
+    assert reference.keys() == result.keys()
+    for name in reference:
+        assert torch.equal(reference[name], result[name]), f"{name} differs after resume"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
+    assert train_steps == [4, 8, 12, 16, 20, 24]  # each step logged once, none lost to the kill
+    assert steps.count(0) == 1
+
+
+def test_non_finite_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, trained_tokenizer, small_corpus):
+    out = tmp_path / "diverged"
+    result = run_cli(
+        *tiny_args(
+            out,
+            trained_tokenizer,
+            small_corpus,
+            "train.lr=1e30",
+            "train.warmup_steps=0",
+            "train.schedule=constant",
+            "checkpoint_every=1",
+            "train.grad_clip=0",
+        )
+    )
+    assert result.returncode == 1
+    assert "non-finite training signal" in result.stderr and "Traceback" not in result.stderr
+    assert not (out / "manifest.json").exists() and not (out / "model").exists()
+    kept = sorted((out / "checkpoints").glob("step_*"))
+    assert kept, "the checkpoint before the divergence must be kept"
+    state = torch.load(kept[-1] / "optimizer.bin", weights_only=False)
+    assert state["state"], "checkpoint is loadable"
+    assert all(torch.isfinite(t).all() for t in load_file(kept[-1] / "model.safetensors").values() if t.numel())
+
+
+def test_batch_arithmetic_error_is_reported_before_training(tmp_path, trained_tokenizer, small_corpus):
+    result = run_cli(*tiny_args(tmp_path / "o", trained_tokenizer, small_corpus, "train.tokens_per_step=100"))
+    assert result.returncode == 2
+    assert "tokens_per_step 100 must be a multiple of" in result.stderr and "4 x 32 x 1 = 128" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unfinished_tokenizer_folder_is_refused(tmp_path, small_corpus):
+    (tmp_path / "tok").mkdir()
+    result = run_cli(*tiny_args(tmp_path / "o", tmp_path / "tok", small_corpus))
+    assert result.returncode == 2 and "unfinished" in result.stderr
+
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    lrs = [learning_rate(s, cosine) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    wsd = TrainConfig(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    lrs = [learning_rate(s, wsd) for s in range(100)]
+    assert lrs[50] == 1.0 and lrs[79] == 1.0 and lrs[80] < 1.0 and lrs[-1] == pytest.approx(0.0)
+
+
+def test_sampler_splits_ranks_like_accumulation_and_covers_each_epoch():
+    one = BlockSampler(50, seed=3, micro=4, world=1, accumulation=2)
+    two = BlockSampler(50, seed=3, micro=4, world=2, accumulation=1)
+    for step in range(30):
+        a = np.concatenate([one.indices(step, m, 0) for m in range(2)])
+        b = np.concatenate([two.indices(step, 0, r) for r in range(2)])
+        assert a.tolist() == b.tolist()
+        if step < 6:  # within an epoch no block is seen twice, whichever rank takes it
+            assert not set(two.indices(step, 0, 0)) & set(two.indices(step, 0, 1))
+    first_epoch = np.concatenate([one.indices(s, m, 0) for s in range(7) for m in range(2)])[:50]
+    assert sorted(first_epoch.tolist()) == list(range(50))
