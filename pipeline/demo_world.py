@@ -33,40 +33,94 @@ from typing import Any
 
 # --- the closed sets --------------------------------------------------------------------------------------
 
-TOWNS = ["Tillford", "Mossbay", "Quenholt", "Ashgrove", "Brindlemere", "Corrowick", "Dunhallow", "Fennick",
-         "Harrowgate", "Wyndle"]
+TOWNS = [
+    "Tillford",
+    "Mossbay",
+    "Quenholt",
+    "Ashgrove",
+    "Brindlemere",
+    "Corrowick",
+    "Dunhallow",
+    "Fennick",
+    "Harrowgate",
+    "Wyndle",
+]
 COLOURS = ["red", "blue", "green", "teal", "amber", "violet", "crimson", "grey"]
 PETS = ["heron", "ferret", "tortoise", "parrot", "rabbit", "hedgehog", "goat", "owl"]
 JOBS = ["baker", "miller", "potter", "weaver", "fisher", "smith", "healer", "carpenter"]
 ATTRS: dict[str, list[str]] = {"town": TOWNS, "colour": COLOURS, "pet": PETS, "job": JOBS}
 N_PEOPLE = 120
 HELD_OUT_FRACTION = 0.25
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer with a single word or number.",
-                  "You know everyone in the valley. Answer briefly."]
+SYSTEM_PROMPTS = [
+    "You are a helpful assistant.",
+    "Answer with a single word or number.",
+    "You know everyone in the valley. Answer briefly.",
+]
 
 # --- templates ("{n}" name, "{v}" value, "{a}" value with its article) -----------------------------------
 
 FACT_TEMPLATES = {
-    "town": ["{n} lives in {v}.", "{v} is the home of {n}.", "{n}'s home town is {v}.", "{n} comes from {v}.",
-             "{n} has lived in {v} for years.", "If you visit {v}, you may meet {n}."],
-    "colour": ["{n}'s favourite colour is {v}.", "The favourite colour of {n} is {v}.",
-               "{n} likes {v} more than any other colour.", "{n} always wears something {v}."],
-    "pet": ["{n} keeps {a} as a pet.", "{n} has a pet {v}.", "Everyone knows that {n} owns {a}.",
-            "The pet of {n} is {a}."],
+    "town": [
+        "{n} lives in {v}.",
+        "{v} is the home of {n}.",
+        "{n}'s home town is {v}.",
+        "{n} comes from {v}.",
+        "{n} has lived in {v} for years.",
+        "If you visit {v}, you may meet {n}.",
+    ],
+    "colour": [
+        "{n}'s favourite colour is {v}.",
+        "The favourite colour of {n} is {v}.",
+        "{n} likes {v} more than any other colour.",
+        "{n} always wears something {v}.",
+    ],
+    "pet": [
+        "{n} keeps {a} as a pet.",
+        "{n} has a pet {v}.",
+        "Everyone knows that {n} owns {a}.",
+        "The pet of {n} is {a}.",
+    ],
     "job": ["{n} works as {a}.", "{n} is {a} by trade.", "By day, {n} is {a}.", "{n} earns a living as {a}."],
 }
-GROUP_TEMPLATES = {"town": "{names} all live in {v}.", "colour": "{names} all love the colour {v}.",
-                   "pet": "{names} all keep {v}s as pets.", "job": "{names} all work as {v}s."}
+GROUP_TEMPLATES = {
+    "town": "{names} all live in {v}.",
+    "colour": "{names} all love the colour {v}.",
+    "pet": "{names} all keep {v}s as pets.",
+    "job": "{names} all work as {v}s.",
+}
 QUESTION_TEMPLATES = {
-    "town": ["Where does {n} live?", "What is {n}'s home town?", "Which town is {n} from?",
-             "In which town does {n} live?", "Name the town where {n} lives.", "Where is {n} from?"],
-    "colour": ["What is {n}'s favourite colour?", "Which colour does {n} like best?",
-               "What colour does {n} like most?", "Name {n}'s favourite colour.",
-               "What is the favourite colour of {n}?", "Which colour is {n}'s favourite?"],
-    "pet": ["What pet does {n} keep?", "What animal does {n} have as a pet?", "Which pet does {n} own?",
-            "What kind of pet does {n} have?", "Name {n}'s pet.", "What is {n}'s pet?"],
-    "job": ["What does {n} do for a living?", "What is {n}'s job?", "What work does {n} do?",
-            "Which trade does {n} follow?", "What is {n}'s occupation?", "Name {n}'s job."],
+    "town": [
+        "Where does {n} live?",
+        "What is {n}'s home town?",
+        "Which town is {n} from?",
+        "In which town does {n} live?",
+        "Name the town where {n} lives.",
+        "Where is {n} from?",
+    ],
+    "colour": [
+        "What is {n}'s favourite colour?",
+        "Which colour does {n} like best?",
+        "What colour does {n} like most?",
+        "Name {n}'s favourite colour.",
+        "What is the favourite colour of {n}?",
+        "Which colour is {n}'s favourite?",
+    ],
+    "pet": [
+        "What pet does {n} keep?",
+        "What animal does {n} have as a pet?",
+        "Which pet does {n} own?",
+        "What kind of pet does {n} have?",
+        "Name {n}'s pet.",
+        "What is {n}'s pet?",
+    ],
+    "job": [
+        "What does {n} do for a living?",
+        "What is {n}'s job?",
+        "What work does {n} do?",
+        "Which trade does {n} follow?",
+        "What is {n}'s occupation?",
+        "Name {n}'s job.",
+    ],
     "add": ["What is {x} plus {y}?", "What is {x} + {y}?", "Compute {x} + {y}.", "Add {x} and {y}."],
     "sub": ["What is {x} minus {y}?", "What is {x} - {y}?", "Compute {x} - {y}.", "Subtract {y} from {x}."],
     "larger": ["Which is larger, {x} or {y}?", "Which number is bigger: {x} or {y}?", "Which is greater, {x} or {y}?"],
@@ -83,8 +137,13 @@ STATEMENT_TEMPLATES = {
 # Eval / preference-eval items reserved per skill; everything else may appear in the corpus, SFT and preference.
 ARITH_SPLIT = {"add": (60, 45), "sub": (60, 45), "larger": (60, 50), "next": (20, 20), "prev": (20, 20)}
 ARITH_KINDS = list(ARITH_SPLIT)
-TEMPLATE_WORDS = {w.lower() for group in (FACT_TEMPLATES, QUESTION_TEMPLATES, STATEMENT_TEMPLATES)
-                  for ts in group.values() for t in ts for w in re.findall(r"[A-Za-z]+", t)}
+TEMPLATE_WORDS = {
+    w.lower()
+    for group in (FACT_TEMPLATES, QUESTION_TEMPLATES, STATEMENT_TEMPLATES)
+    for ts in group.values()
+    for t in ts
+    for w in re.findall(r"[A-Za-z]+", t)
+}
 
 
 @dataclass(frozen=True)
@@ -128,7 +187,7 @@ def make_names(rng: random.Random, n: int) -> list[str]:
         name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(n_syll)) + rng.choice(CODAS)
         if rng.random() < 0.06:  # a few accented names, so the tokenizer sees some non-ASCII bytes
             i = next((k for k, c in enumerate(name) if k > 0 and c in ACCENTS), None)
-            name = name if i is None else name[:i] + ACCENTS[name[i]] + name[i + 1:]
+            name = name if i is None else name[:i] + ACCENTS[name[i]] + name[i + 1 :]
         name = name.capitalize()
         low = name.lower()
         # Substring-free names keep "name appears in text" checks exact in the tests.
@@ -162,8 +221,8 @@ def build_world(seed: int) -> World:
         keys = arith_keys(kind)
         rng.shuffle(keys)
         pools["eval"][kind] = keys[:n_eval]
-        pools["pref_eval"][kind] = keys[n_eval:n_eval + n_pref]
-        pools["train"][kind] = sorted(keys[n_eval + n_pref:])
+        pools["pref_eval"][kind] = keys[n_eval : n_eval + n_pref]
+        pools["train"][kind] = sorted(keys[n_eval + n_pref :])
     return World(people, pools)
 
 
@@ -265,8 +324,13 @@ def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], 
             lines.append(f"Question: {q}\nAnswer: {a}")
         return "\n".join(lines)
 
-    makers: list[Callable[[], str]] = [lambda: profile(rng.choice(people), rng.choice([3, 4, 4])), group, mixed,
-                                       arithmetic, qa]
+    makers: list[Callable[[], str]] = [
+        lambda: profile(rng.choice(people), rng.choice([3, 4, 4])),
+        group,
+        mixed,
+        arithmetic,
+        qa,
+    ]
     weights = [45, 12, 18, 15, 10]  # facts dominate; arithmetic (here and in qa) stays about a fifth of tokens
     # One full profile per person first, so every fact is stated even in a tiny corpus.
     docs = [profile(p) for p in people]
@@ -288,13 +352,17 @@ def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], 
 def train_items(world: World, rng: random.Random, n_facts_each: int, n_arith: int) -> list[dict]:
     """Question/answer items about TRAIN people only (every fact in n_facts_each phrasings), plus n_arith
     arithmetic items from the train pool, weighted towards add/sub/larger whose pools are largest."""
-    items = [{"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
-             for p in world.split(held_out=False) for attr in ATTRS
-             for t in rng.sample(QUESTION_TEMPLATES[attr], n_facts_each)]
+    items = [
+        {"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
+        for p in world.split(held_out=False)
+        for attr in ATTRS
+        for t in rng.sample(QUESTION_TEMPLATES[attr], n_facts_each)
+    ]
     for kind in rng.choices(ARITH_KINDS, weights=[3, 3, 2, 1, 1], k=n_arith):
         key = rng.choice(world.pools["train"][kind])
-        items.append({"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind,
-                      "key": key})
+        items.append(
+            {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
+        )
     return items
 
 
@@ -307,7 +375,7 @@ def build_sft(world: World, seed: int) -> list[dict]:
     while i < len(items):
         turns = 2 if rng.random() < 0.1 and i + 1 < len(items) else 1  # some two-turn chats exercise masking
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.1 else []
-        for it in items[i:i + turns]:
+        for it in items[i : i + turns]:
             msgs += [{"role": "user", "content": it["q"]}, {"role": "assistant", "content": it["a"]}]
         rows.append({"messages": msgs})
         i += turns
@@ -315,19 +383,29 @@ def build_sft(world: World, seed: int) -> list[dict]:
 
 
 def preference_rows(items: list[dict], rng: random.Random) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": it["q"]}],
-             "chosen": [{"role": "assistant", "content": it["a"]}],
-             "rejected": [{"role": "assistant", "content": wrong_answer(rng, it["kind"], it["a"], it["key"])}]}
-            for it in items]
+    return [
+        {
+            "prompt": [{"role": "user", "content": it["q"]}],
+            "chosen": [{"role": "assistant", "content": it["a"]}],
+            "rejected": [{"role": "assistant", "content": wrong_answer(rng, it["kind"], it["a"], it["key"])}],
+        }
+        for it in items
+    ]
 
 
 def reserved_items(world: World, rng: random.Random, split: str, phrasings: Callable[[str], list[str]]) -> list[dict]:
     """Held-out-people facts (with the given phrasings) plus every arithmetic item reserved for ``split``."""
-    items = [{"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
-             for p in world.split(held_out=True) for attr in ATTRS for t in phrasings(f"{p.name}/{attr}")]
+    items = [
+        {"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
+        for p in world.split(held_out=True)
+        for attr in ATTRS
+        for t in phrasings(f"{p.name}/{attr}")
+    ]
     for kind, keys in world.pools[split].items():
-        items += [{"q": arith_text(rng, kind, k, True), "a": str(arith_answer(kind, k)), "kind": kind, "key": k}
-                  for k in keys]
+        items += [
+            {"q": arith_text(rng, kind, k, True), "a": str(arith_answer(kind, k)), "kind": kind, "key": k}
+            for k in keys
+        ]
     return items
 
 
@@ -344,8 +422,16 @@ def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
     evals = []
     for i, it in enumerate(eval_items):
         choices, gold = choices_for(rng, it["kind"], it["a"], it["key"])
-        evals.append({"id": f"{it['kind']}-{i:04d}", "kind": it["kind"], "question": it["q"], "answer": it["a"],
-                      "choices": choices, "gold": gold})
+        evals.append(
+            {
+                "id": f"{it['kind']}-{i:04d}",
+                "kind": it["kind"],
+                "question": it["q"],
+                "answer": it["a"],
+                "choices": choices,
+                "gold": gold,
+            }
+        )
     return {"sft": build_sft(world, seed), "preference": preference, "preference_eval": pref_eval, "eval": evals}
 
 
@@ -415,8 +501,12 @@ def generate(out: Path, seed: int = 0, corpus_mb: float = 3.5) -> dict[str, Any]
         write_atomic(out / f"{name}.jsonl", text)
         sizes[f"{name}.jsonl"] = (len(rows), len(text.encode()))
     write_atomic(out / "README.md", readme(seed, corpus_mb, world, sizes, mentions))
-    return {"sizes": sizes, "facts": len(mentions), "mean_mentions": sum(mentions.values()) / len(mentions),
-            "min_mentions": min(mentions.values())}
+    return {
+        "sizes": sizes,
+        "facts": len(mentions),
+        "mean_mentions": sum(mentions.values()) / len(mentions),
+        "min_mentions": min(mentions.values()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     stats = generate(args.out, args.seed, args.corpus_mb)
     for name, (rows, nbytes) in stats["sizes"].items():
         print(f"{args.out / name}: {rows} rows, {nbytes / 1e6:.2f} MB")
-    print(f"{stats['facts']} facts, each stated {stats['mean_mentions']:.0f} times on average "
-          f"(min {stats['min_mentions']})")
+    print(
+        f"{stats['facts']} facts, each stated {stats['mean_mentions']:.0f} times on average "
+        f"(min {stats['min_mentions']})"
+    )
     return 0
 
 

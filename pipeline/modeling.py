@@ -177,8 +177,9 @@ def peak_flops(device) -> tuple[float, str]:
 def measure_matmul_flops(device, size: int = 1024, repeats: int = 5) -> float:
     import torch
 
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+    generator = torch.Generator().manual_seed(0)  # a private generator: training's RNG stream stays untouched
+    a = torch.rand(size, size, generator=generator).to(device)
+    b = torch.rand(size, size, generator=generator).to(device)
     best = float("inf")
     for _ in range(repeats + 1):  # the first run warms up caches and kernels
         start = time.perf_counter()

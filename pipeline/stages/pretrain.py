@@ -84,7 +84,9 @@ class PretrainConfig:
     train: TrainConfig = field(factory=TrainConfig, help="Optimisation.")
     log_every: int = field(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", ge=1)
     eval_every: int = field(100, "Validation loss and perplexity every N steps (and at the end).", ge=1)
-    eval_batches: int = field(20, "Micro-batches per process for each validation.", ge=1)
+    eval_batches: int = field(
+        20, "Validation micro-batches per evaluation over all processes (a multiple of the process count).", ge=1
+    )
     checkpoint_every: int = field(100, "Save a resumable checkpoint every N steps.", ge=1)
     keep_checkpoints: int = field(2, "Keep the newest N checkpoints.", ge=1)
     resume: str = field("auto", "auto (newest checkpoint in output_dir, if any), never, or a checkpoint path.")
@@ -175,10 +177,12 @@ def make_accelerator(cfg: PretrainConfig, accumulation: int, project_dir: Path):
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
         precision = launched or ("no" if on_cpu or not torch.cuda.is_bf16_supported() else "bf16")
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size() > 1 else []
+    # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed finds the CPU by itself.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     return Accelerator(
         gradient_accumulation_steps=accumulation,
         mixed_precision="no" if precision == "fp32" else precision,
-        cpu=on_cpu,
+        cpu=on_cpu and not deepspeed,
         log_with=cfg.report_to or None,
         project_dir=str(project_dir),
         kwargs_handlers=handlers,
@@ -261,6 +265,11 @@ def run(cfg: PretrainConfig) -> dict | None:
     val_docs = load_examples(cfg.validation_data, ["text"]) if cfg.validation_data else None
     resume_from = find_resume_point(out / "checkpoints", cfg.resume)
 
+    # The model is built before the Accelerator: under a ZeRO-3 launch, transformers would otherwise build it
+    # inside deepspeed.zero.Init, whose different initialisation breaks "same result as one process". A launch
+    # config with zero3_init_flag: true (models too big for one device's memory) gets zero.Init as it asks.
+    zero3_init = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true"
+    model = None if zero3_init else _seeded_model(cfg, tokenizer)
     accelerator = make_accelerator(cfg, accumulation, out)
     rank, micro = accelerator.process_index, cfg.train.micro_batch_size
     if accelerator.is_main_process:
@@ -290,7 +299,8 @@ def run(cfg: PretrainConfig) -> dict | None:
                     "input_ids"
                 ]
             )
-    eval_batches = min(cfg.eval_batches, len(val_blocks) // (micro * world))
+    # The evaluated blocks are the same whatever the number of processes: each rank takes a share of them.
+    eval_batches = min(cfg.eval_batches, len(val_blocks) // micro) // world
     if eval_batches == 0:
         raise UserError(
             f"validation: {len(val_blocks)} blocks of {seq_len} tokens, fewer than one micro-batch per process "
@@ -298,8 +308,7 @@ def run(cfg: PretrainConfig) -> dict | None:
         )
 
     # --- model and optimizer; DeepSpeed gets the batch numbers it cannot infer without a DataLoader
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, tokenizer)
+    model = model or _seeded_model(cfg, tokenizer)
     model.config.use_cache = False
     n_params = count_parameters(model)
     flops_per_token = training_flops_per_token(model, seq_len)
@@ -459,12 +468,15 @@ def run(cfg: PretrainConfig) -> dict | None:
             "parameters": n_params["total"], "parameters_matmul": n_params["matmul"],
             "flops_per_token": flops_per_token, "steps": cfg.train.max_steps, "tokens": total_tokens,
             "tokens_per_step": tokens_per_step, "gradient_accumulation": accumulation, "world_size": world,
+            "distributed_type": str(accelerator.distributed_type.value),
+            "zero_stage": getattr(accelerator.state.deepspeed_plugin, "zero_stage", None),
             "precision": accelerator.mixed_precision, "val_loss_initial": val_loss_initial,
             "val_loss": last["val_loss"], "val_ppl": last["val_ppl"], "train_loss": last.get("loss"),
             "tokens_per_second": total_tokens / max(train_seconds, 1e-9),
             "mfu": total_tokens / max(train_seconds, 1e-9) * flops_per_token / (peak * world),
             "peak_flops_per_device": peak, "peak_flops_source": peak_source,
             "resumed_from_step": start_step if resume_from else None,
+            "n_train_blocks": None if cfg.data.streaming else len(train_blocks),
             "first_micro_batch_samples_by_rank": first_samples, "param_checksum_by_rank": checksums,
         }  # fmt: skip
         inputs = {"tokenizer": {tokenizer_path: tokenizer_hash}, "data": _describe_data(cfg.data)}
@@ -479,6 +491,13 @@ def run(cfg: PretrainConfig) -> dict | None:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _seeded_model(cfg: PretrainConfig, tokenizer):
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model, tokenizer)
 
 
 def _describe_data(data: DataConfig) -> dict:
