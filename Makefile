@@ -24,6 +24,7 @@ setup: $(BIN)/llmpipe
 
 demo: setup
 	$(BIN)/llmpipe tokenizer --config configs/tiny/tokenizer.yaml output_dir=$(RUN)/tokenizer
+	$(BIN)/llmpipe pretrain --config configs/tiny/pretrain.yaml tokenizer=$(RUN)/tokenizer output_dir=$(RUN)/pretrain
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -175,3 +175,27 @@ def test_sampler_splits_ranks_like_accumulation_and_covers_each_epoch():
             assert not set(two.indices(step, 0, 0)) & set(two.indices(step, 0, 1))
     first_epoch = np.concatenate([one.indices(s, m, 0) for s in range(7) for m in range(2)])[:50]
     assert sorted(first_epoch.tolist()) == list(range(50))
+
+
+def test_continue_from_an_artifact_and_another_family(tmp_path, pretrained, trained_tokenizer, small_corpus):
+    """init_from takes a finished pretrain folder (its model/ and tokenizer); family builds Qwen2 from sizes."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "continued"
+    result = run_cli(*tiny_args(out, trained_tokenizer, small_corpus, f"model.init_from={pretrained}",
+                                "tokenizer=null", "train.max_steps=4", "train.warmup_steps=1", "eval_every=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = weights(pretrained), weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "continued training changed nothing"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert str(pretrained) in manifest["inputs"]["init_from"]
+    # continuing starts from the trained model's loss, not from scratch
+    assert manifest["metrics"]["val_loss_initial"] < json.loads(
+        (pretrained / "manifest.json").read_text())["metrics"]["val_loss_initial"] - 1.0
+
+    qwen = tmp_path / "qwen2"
+    result = run_cli(*tiny_args(qwen, trained_tokenizer, small_corpus, "model.family=qwen2", "train.max_steps=4", "train.warmup_steps=1",
+                                "eval_every=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(qwen / "model")
+    assert model.config.model_type == "qwen2"
