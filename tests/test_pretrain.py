@@ -182,20 +182,41 @@ def test_continue_from_an_artifact_and_another_family(tmp_path, pretrained, trai
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "continued"
-    result = run_cli(*tiny_args(out, trained_tokenizer, small_corpus, f"model.init_from={pretrained}",
-                                "tokenizer=null", "train.max_steps=4", "train.warmup_steps=1", "eval_every=4"))
+    result = run_cli(
+        *tiny_args(
+            out,
+            trained_tokenizer,
+            small_corpus,
+            f"model.init_from={pretrained}",
+            "tokenizer=null",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "eval_every=4",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = weights(pretrained), weights(out)
     assert any(not torch.equal(before[k], after[k]) for k in before), "continued training changed nothing"
     manifest = json.loads((out / "manifest.json").read_text())
     assert str(pretrained) in manifest["inputs"]["init_from"]
     # continuing starts from the trained model's loss, not from scratch
-    assert manifest["metrics"]["val_loss_initial"] < json.loads(
-        (pretrained / "manifest.json").read_text())["metrics"]["val_loss_initial"] - 1.0
+    assert (
+        manifest["metrics"]["val_loss_initial"]
+        < json.loads((pretrained / "manifest.json").read_text())["metrics"]["val_loss_initial"] - 1.0
+    )
 
     qwen = tmp_path / "qwen2"
-    result = run_cli(*tiny_args(qwen, trained_tokenizer, small_corpus, "model.family=qwen2", "train.max_steps=4", "train.warmup_steps=1",
-                                "eval_every=4"))
+    result = run_cli(
+        *tiny_args(
+            qwen,
+            trained_tokenizer,
+            small_corpus,
+            "model.family=qwen2",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "eval_every=4",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(qwen / "model")
     assert model.config.model_type == "qwen2"
