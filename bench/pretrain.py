@@ -7,7 +7,8 @@ Both sides train the same model (same init seed), on the same packed blocks, wit
 thread count; the stage is timed by its own per-step clock (data fetch, forward, backward, clipping, the finiteness
 check, optimizer step, logging), evaluation and checkpoints excluded; the bare loop by the wall clock of its loop.
 MFU = tokens/s x training FLOPs per token / peak, the peak being a matmul measured now (CPU, or a GPU not in
-the data-sheet table) or the data-sheet bf16 peak. Sides alternate, best of --trials kept.
+the data-sheet table) or the data-sheet bf16 peak. Sides alternate which goes first; best of --trials kept
+(this 2-core VM varies by +-10% between runs of the same loop, so take one number with care).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def bare_loop(model_cfg: ModelConfig, tok, blocks: torch.Tensor, steps: int, mic
     """The reference: what a minimal hand-written PyTorch training loop does per step. Returns seconds."""
     torch.manual_seed(0)
     model = build_model(model_cfg, tok).to(device)
+    model.config.use_cache = False  # no KV cache while training, as the stage does
     model.train()
     optimizer = torch.optim.AdamW(pretrain.param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(0)
@@ -61,7 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -86,21 +88,26 @@ def main() -> None:
         tok = pretrain.load_tokenizer(str(tmp / "tok"))
         stage_tps, bare_tps = [], []
         tokens = args.steps * size["micro_batch"] * size["seq_len"]
-        for trial in range(args.trials):
-            metrics = pretrain.run(cfg)
-            stage_tps.append(metrics["tokens_per_second"])
-            if trial == 0:  # the stage's packed blocks (cached by now), as one tensor for the bare loop
-                from datasets import load_dataset
+        from datasets import load_dataset
 
-                from pipeline.artifacts import content_hash
-                from pipeline.data import pack_dataset
+        from pipeline.artifacts import content_hash
+        from pipeline.data import pack_dataset
 
-                docs = load_dataset("json", data_files=corpus.path, split="train")
-                packed = pack_dataset(docs, tok, size["seq_len"], content_hash(tmp / "tok"), 2)
-                blocks = torch.as_tensor(packed.with_format("numpy")["input_ids"], dtype=torch.long)
-            bare_tps.append(
-                tokens / bare_loop(model_cfg, tok, blocks, args.steps, size["micro_batch"], 3e-3, device, dtype)
-            )
+        # the same packed blocks the stage trains on, as one tensor for the bare loop
+        docs = load_dataset("json", data_files=corpus.path, split="train")
+        packed = pack_dataset(docs, tok, size["seq_len"], content_hash(tmp / "tok"), 2)
+        blocks = torch.as_tensor(packed.with_format("numpy")["input_ids"], dtype=torch.long)
+
+        def bare() -> None:
+            seconds = bare_loop(model_cfg, tok, blocks, args.steps, size["micro_batch"], 3e-3, device, dtype)
+            bare_tps.append(tokens / seconds)
+
+        def stage() -> None:
+            stage_tps.append(pretrain.run(cfg)["tokens_per_second"])
+
+        for trial in range(args.trials):  # alternate which side goes first: warm-up and drift hit both
+            for side in (stage, bare) if trial % 2 == 0 else (bare, stage):
+                side()
         flops_per_token = training_flops_per_token(build_model(model_cfg, tok), size["seq_len"])
         peak, source = peak_flops(device)
 
@@ -114,6 +121,12 @@ def main() -> None:
     print("|---|---|---|---|")
     print(f"| bare PyTorch | {bare:,.0f} | {bare * flops_per_token / peak:.1%} | 1.000 |")
     print(f"| llmpipe pretrain | {stage:,.0f} | {stage * flops_per_token / peak:.1%} | {stage / bare:.3f} |")
+    print(
+        "per trial (tokens/s), stage:",
+        ", ".join(f"{t:,.0f}" for t in stage_tps),
+        "| bare:",
+        ", ".join(f"{t:,.0f}" for t in bare_tps),
+    )
 
 
 if __name__ == "__main__":
