@@ -95,6 +95,21 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise UserError(f"tokenizer: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
 
 
+def model_context_length(cfg: ModelConfig) -> int:
+    """The longest sequence the init_from model takes, read from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.init_from)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.init_from: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return 2048
+
+
 def default_intermediate_size(hidden: int) -> int:
     # SwiGLU keeps the MLP's parameter count near 4 x hidden^2 with 2/3 of 4 x hidden, rounded for matmuls.
     return 32 * -(-int(8 * hidden / 3) // 32)

@@ -220,3 +220,30 @@ def test_continue_from_an_artifact_and_another_family(tmp_path, pretrained, trai
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(qwen / "model")
     assert model.config.model_type == "qwen2"
+
+
+def test_continue_a_gpt2_model_at_its_own_context_length(tmp_path, trained_tokenizer, small_corpus):
+    """Any causal LM folder works as init_from; seq_len defaults to its context and may not exceed it."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=48))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    args = tiny_args(
+        tmp_path / "out",
+        trained_tokenizer,
+        small_corpus,
+        f"model.init_from={tmp_path / 'gpt2'}",
+        "tokenizer=null",
+        "seq_len=null",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "eval_every=4",
+    )
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "manifest.json").read_text())["metrics"]
+    assert metrics["tokens_per_step"] == 4 * 48  # micro-batch 4 x the model's 48-token context
+    too_long = run_cli(*args, "seq_len=64", f"output_dir={tmp_path / 'other'}")
+    assert too_long.returncode == 2 and "exceeds the context length 48" in too_long.stderr

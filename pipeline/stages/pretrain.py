@@ -29,6 +29,7 @@ from pipeline.modeling import (
     build_model,
     count_parameters,
     load_tokenizer,
+    model_context_length,
     peak_flops,
     training_flops_per_token,
 )
@@ -252,6 +253,11 @@ def run(cfg: PretrainConfig) -> dict | None:
     tokenizer_path = cfg.tokenizer or cfg.model.init_from
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     seq_len = cfg.seq_len or cfg.model.max_seq_len
+    if cfg.model.init_from:  # a continued model brings its own context length: default to it, never exceed it
+        context = model_context_length(cfg.model)
+        seq_len = cfg.seq_len or min(context, 2048)
+        if seq_len > context:
+            raise UserError(f"seq_len {seq_len} exceeds the context length {context} of {cfg.model.init_from}")
     world = world_size()
     micro_tokens = cfg.train.micro_batch_size * seq_len * world
     tokens_per_step = cfg.train.tokens_per_step or micro_tokens
