@@ -57,8 +57,15 @@ class ModelConfig:
         return problems
 
 
+def _require_local_if_path_like(path: str, key: str) -> None:
+    """Hub ids are `name` or `org/name`: anything else that does not exist is a missing local folder."""
+    if not Path(path).exists() and (path.count("/") > 1 or path.startswith((".", "/", "~"))):
+        raise UserError(f"{key}: no such folder: {path!r} (did the stage that writes it run?)")
+
+
 def resolve_model_path(path: str) -> str:
     """A pipeline artifact folder stands for its model/ subfolder; anything else is passed on as is."""
+    _require_local_if_path_like(path, "model.init_from")
     folder = Path(path)
     if (folder / MANIFEST).is_file() and (folder / "model").is_dir():
         return str(folder / "model")
@@ -72,6 +79,7 @@ def resolve_model_path(path: str) -> str:
 
 def resolve_tokenizer_path(path: str) -> str:
     """A tokenizer (or model) artifact folder stands for its tokenizer/ or model/ subfolder; it must be finished."""
+    _require_local_if_path_like(path, "tokenizer")
     folder = Path(path)
     if folder.is_dir() and not (folder / "tokenizer_config.json").is_file():
         if not (folder / MANIFEST).is_file():

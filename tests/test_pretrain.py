@@ -151,6 +151,8 @@ def test_unfinished_tokenizer_folder_is_refused(tmp_path, small_corpus):
     (tmp_path / "tok").mkdir()
     result = run_cli(*tiny_args(tmp_path / "o", tmp_path / "tok", small_corpus))
     assert result.returncode == 2 and "unfinished" in result.stderr
+    result = run_cli(*tiny_args(tmp_path / "o", tmp_path / "never" / "ran", small_corpus))
+    assert result.returncode == 2 and "tokenizer: no such folder" in result.stderr
 
 
 def test_learning_rate_schedules():
