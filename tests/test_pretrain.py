@@ -249,3 +249,23 @@ def test_continue_a_gpt2_model_at_its_own_context_length(tmp_path, trained_token
     assert metrics["tokens_per_step"] == 4 * 48  # micro-batch 4 x the model's 48-token context
     too_long = run_cli(*args, "seq_len=64", f"output_dir={tmp_path / 'other'}")
     assert too_long.returncode == 2 and "exceeds the context length 48" in too_long.stderr
+
+
+def test_streaming_data_trains_and_resumes_exactly(tmp_path, trained_tokenizer, small_corpus):
+    """data.streaming packs on the fly; a resumed streaming run skips exactly the blocks already trained on."""
+    common = [
+        "data.streaming=true",
+        "train.schedule=constant",
+        "train.warmup_steps=0",
+        "checkpoint_every=3",
+        "eval_every=3",
+        "model.dropout=0.0",
+    ]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli(*tiny_args(whole, trained_tokenizer, small_corpus, *common, "train.max_steps=6")).returncode == 0
+    first = run_cli(*tiny_args(split, trained_tokenizer, small_corpus, *common, "train.max_steps=3"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*tiny_args(split, trained_tokenizer, small_corpus, *common, "train.max_steps=6"))
+    assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
+    reference, result = weights(whole), weights(split)
+    assert all(torch.equal(reference[k], result[k]) for k in reference)
