@@ -19,6 +19,7 @@ from pipeline.config import DataConfig, StageFailed, UserError, describe_fields,
 STAGES = {
     "tokenizer": ("pipeline.stages.tokenizer", "train a byte-level BPE tokenizer with chat tokens"),
     "pretrain": ("pipeline.stages.pretrain", "train a causal LM from scratch (or continue one) on packed text"),
+    "reward": ("pipeline.stages.reward", "train a reward model (one score) on preference pairs with trl"),
 }
 EXIT_BAD_INPUT = 2
 

@@ -1,0 +1,247 @@
+"""Reward stage: a sequence-classification model with one score, trained on preference pairs with trl.
+
+    llmpipe reward --config configs/tiny/reward.yaml [init_from=runs/tiny/sft] [train.max_steps=200]
+
+Reads trl's preference formats as they are: explicit prompt (`prompt`, `chosen`, `rejected`), implicit prompt
+(`chosen`, `rejected` holding the whole exchange), standard strings or conversational message lists. Produces
+`output_dir/model/` (loads with AutoModelForSequenceClassification; `score_pairs` below scores (prompt, response)
+pairs) and a manifest with held-out pairwise accuracy and mean margin.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.config import DataConfig, UserError, config, field
+from pipeline.data import load_examples, local_files
+from pipeline.modeling import load_tokenizer, resolve_model_path
+from pipeline.tracking import log
+
+STAGE = "reward"
+ROLES = {"system", "user", "assistant"}
+
+
+@config
+class RewardTrainConfig:
+    seed: int = field(0, "Seed for the score head's initialisation and the data order.")
+    lr: float = field(1e-4, "Peak learning rate.", gt=0)
+    max_steps: int = field(200, "Optimizer steps (-1: train for `epochs`).", ge=-1)
+    epochs: float = field(1.0, "Epochs, used when max_steps is -1.", gt=0)
+    micro_batch_size: int = field(16, "Pairs per process per forward pass.", ge=1)
+    gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
+    warmup_ratio: float = field(0.05, "Share of steps spent warming up.", ge=0.0, lt=1.0)
+    weight_decay: float = field(0.0, "AdamW weight decay.", ge=0.0)
+    lr_scheduler: str = field("cosine", "transformers scheduler name (cosine, linear, constant...).")
+    logging_steps: int = field(10, "Log every N steps.", ge=1)
+    save_steps: int = field(100, "Checkpoint every N steps.", ge=1)
+    save_total_limit: int = field(2, "Keep the newest N checkpoints.", ge=1)
+    gradient_checkpointing: bool = field(False, "Recompute activations in backward (less memory, slower).")
+    center_rewards_coefficient: float | None = field(None, "Pull mean rewards to 0 (Eisenstein et al. 2023).")
+
+
+@config
+class RewardConfig:
+    output_dir: str = field(help="Folder for this stage's artifact (model/, checkpoints/, manifest.json).")
+    init_from: str = field(help="Model to start from: an sft/pretrain stage folder, an HF folder or a hub name.")
+    tokenizer: str | None = field(None, "Tokenizer (None: the init_from model's).")
+    trust_remote_code: bool = field(False, "Allow models that ship their own Python code. Off: safe.")
+    data: DataConfig = field(help="Preference pairs: chosen/rejected (+ prompt), strings or message lists.")
+    eval_data: DataConfig | None = field(None, "Held-out pairs; None: split eval_fraction off data.")
+    eval_fraction: float = field(0.1, "Share of pairs held out when eval_data is not given.", gt=0.0, lt=0.5)
+    max_length: int = field(512, "Longest prompt+response in tokens; longer pairs are dropped.", ge=8)
+    precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16.")
+    resume: str = field("auto", "auto (newest checkpoint in output_dir/checkpoints), never, or a checkpoint path.")
+    train: RewardTrainConfig = field(factory=RewardTrainConfig, help="Optimisation.")
+
+    def check(self) -> list[str]:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            return [f"precision: got {self.precision!r}, expected auto, fp32 or bf16"]
+        return []
+
+
+Config = RewardConfig
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def check_pairs(ds, source: str) -> bool:
+    """Raise a UserError naming the first bad row; return True when the pairs are conversational."""
+    conversational = isinstance(ds[0]["chosen"], list)
+    has_prompt = "prompt" in ds.column_names
+    for i, row in enumerate(ds):
+        for key in ("prompt", "chosen", "rejected") if has_prompt else ("chosen", "rejected"):
+            value = row.get(key)
+            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+                raise UserError(f"{source}: row {i}: {key!r} is missing or empty")
+            if conversational != isinstance(value, list):
+                raise UserError(f"{source}: row {i}: {key!r} mixes message lists and plain strings")
+            if conversational:
+                for message in value:
+                    if not isinstance(message, dict) or message.get("role") not in ROLES:
+                        role = message.get("role") if isinstance(message, dict) else message
+                        raise UserError(
+                            f"{source}: row {i}: {key!r} has role {role!r}; expected system, user or assistant"
+                        )
+                    if not isinstance(message.get("content"), str):
+                        raise UserError(f"{source}: row {i}: {key!r} has a message without text content")
+        if row["chosen"] == row["rejected"]:
+            raise UserError(f"{source}: row {i}: chosen and rejected are identical")
+    return conversational
+
+
+def _load_pairs(data: DataConfig):
+    ds = load_examples(data, required=["chosen", "rejected"])
+    keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
+    return ds.select_columns(keep)
+
+
+# --- scoring ------------------------------------------------------------------------------------------------------
+
+
+def score_pairs(model, tokenizer, prompts: list, responses: list, batch_size: int = 16) -> list[float]:
+    """Reward-model scores for (prompt, response) pairs, rendered exactly as training rendered them.
+
+    `prompts[i]` is a string or a message list; `responses[i]` a string or a message list of the same kind.
+        model = AutoModelForSequenceClassification.from_pretrained("runs/tiny/reward/model")
+        tok = AutoTokenizer.from_pretrained("runs/tiny/reward/model")
+        score_pairs(model, tok, [[{"role": "user", "content": "2 + 3?"}]], [[{"role": "assistant", "content": "5"}]])
+    """
+    import torch
+
+    texts = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        if isinstance(prompt, list):
+            texts.append(tokenizer.apply_chat_template(prompt + response, tokenize=False))
+        else:
+            text = prompt + response
+            texts.append(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)
+    scores: list[float] = []
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # the score is read at the last real token
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                                  add_special_tokens=False).to(model.device)  # fmt: skip
+                scores += model(**batch).logits[:, 0].float().tolist()
+    finally:
+        tokenizer.padding_side = side
+    return scores
+
+
+def pair_metrics(model, tokenizer, ds) -> dict:
+    if "prompt" in ds.column_names:
+        prompts = ds["prompt"]
+    else:  # implicit prompt: the whole exchange is in chosen/rejected
+        prompts = [[] if isinstance(c, list) else "" for c in ds["chosen"]]
+    chosen = score_pairs(model, tokenizer, prompts, ds["chosen"])
+    rejected = score_pairs(model, tokenizer, prompts, ds["rejected"])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {
+        "pair_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "mean_margin": sum(margins) / len(margins),
+        "mean_chosen_score": sum(chosen) / len(chosen),
+        "pairs": len(margins),
+    }
+
+
+# --- run ----------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: RewardConfig) -> dict | None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig as TrlRewardConfig
+    from trl import RewardTrainer
+
+    # --- check inputs before any compute
+    started = time.time()
+    out = Path(cfg.output_dir)
+    model_path = resolve_model_path(cfg.init_from)
+    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
+    if tokenizer.pad_token is None:  # a classifier must know where padding starts to find the last real token
+        tokenizer.pad_token = tokenizer.eos_token
+    train_ds = _load_pairs(cfg.data)
+    conversational = check_pairs(train_ds, str(cfg.data.path))
+    if cfg.eval_data is not None:
+        eval_ds = _load_pairs(cfg.eval_data)
+        check_pairs(eval_ds, str(cfg.eval_data.path))
+    else:
+        split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    if conversational and not tokenizer.chat_template:
+        raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
+                        "use a tokenizer stage folder (tokenizer=...) or a chat model")
+    checkpoints = out / "checkpoints"
+    resume_from = None
+    if cfg.resume == "auto":
+        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        resume_from = str(found[-1]) if found else None
+    elif cfg.resume != "never":
+        resume_from = cfg.resume
+    if int(os.environ.get("RANK", "0")) == 0:
+        begin_stage(out, cfg)
+
+    # --- model: the causal LM's body with a fresh one-output score head
+    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    torch.manual_seed(cfg.train.seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=1, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+            dtype=torch.float32,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise UserError(f"init_from: cannot load {model_path!r}: {' '.join(str(exc).split())[:300]}") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    args = TrlRewardConfig(
+        output_dir=str(checkpoints), seed=cfg.train.seed, learning_rate=cfg.train.lr,
+        max_steps=cfg.train.max_steps, num_train_epochs=cfg.train.epochs,
+        per_device_train_batch_size=cfg.train.micro_batch_size, per_device_eval_batch_size=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, warmup_steps=cfg.train.warmup_ratio,
+        weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.lr_scheduler,
+        logging_steps=cfg.train.logging_steps, save_steps=cfg.train.save_steps,
+        save_total_limit=cfg.train.save_total_limit, gradient_checkpointing=cfg.train.gradient_checkpointing,
+        center_rewards_coefficient=cfg.train.center_rewards_coefficient, max_length=cfg.max_length,
+        eval_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=bf16, disable_tqdm=False,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
+    log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out", STAGE)
+    before = pair_metrics(trainer.model, tokenizer, eval_ds) if trainer.is_world_process_zero() else {}
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.model.train(False)
+
+    # --- save and measure on the held-out pairs
+    metrics = {}
+    if trainer.is_world_process_zero():
+        after = pair_metrics(trainer.model, tokenizer, eval_ds)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        with atomic_dir(out / "model") as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        metrics = {
+            "train_loss": result.training_loss, "steps": result.global_step,
+            "heldout_pair_accuracy": after["pair_accuracy"], "heldout_mean_margin": after["mean_margin"],
+            "heldout_pairs": after["pairs"], "heldout_pair_accuracy_before": before["pair_accuracy"],
+            "heldout_mean_margin_before": before["mean_margin"], "train_pairs": len(train_ds),
+            "resumed_from": resume_from,
+        }  # fmt: skip
+        inputs = {"init_from": describe_input(cfg.init_from), "data": _describe(cfg.data)}
+        if cfg.eval_data is not None:
+            inputs["eval_data"] = _describe(cfg.eval_data)
+        write_manifest(out, STAGE, inputs, ["model"], metrics, started)
+        log(f"done: held-out pair accuracy {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}, "
+            f"margin {after['mean_margin']:.3f} -> {out / 'model'}", STAGE)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _describe(data: DataConfig) -> dict:
+    files = local_files(data)
+    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}
