@@ -221,3 +221,35 @@ def pack_dataset(docs, tokenizer, block_size: int, tokenizer_hash: str, num_proc
         pack, batched=True, batch_size=1000, remove_columns=remove, num_proc=num_proc if len(docs) > 1000 else None,
         new_fingerprint=hashlib.sha256(key).hexdigest()[:16], desc=f"tokenize + pack into {block_size}-token blocks",
     )  # fmt: skip
+
+
+# --- preference pairs -------------------------------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def load_preference_pairs(cfg: DataConfig):
+    """Pairs in trl's preference formats (explicit or implicit prompt, strings or message lists), checked row by
+    row before any training: returns (dataset with prompt?/chosen/rejected, is_conversational)."""
+    ds = load_examples(cfg, required=["chosen", "rejected"])
+    ds = ds.select_columns([c for c in ("prompt", "chosen", "rejected") if c in ds.column_names])
+    source = str(cfg.path)
+    conversational = isinstance(ds[0]["chosen"], list)
+    keys = ("prompt", "chosen", "rejected") if "prompt" in ds.column_names else ("chosen", "rejected")
+    for i, row in enumerate(ds):
+        for key in keys:
+            value = row.get(key)
+            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+                raise UserError(f"{source}: row {i}: {key!r} is missing or empty")
+            if conversational != isinstance(value, list):
+                raise UserError(f"{source}: row {i}: {key!r} mixes message lists and plain strings")
+            if conversational:
+                for message in value:
+                    role = message.get("role") if isinstance(message, dict) else message
+                    if role not in CHAT_ROLES:
+                        raise UserError(f"{source}: row {i}: {key!r} has role {role!r}; expected {CHAT_ROLES}")
+                    if not isinstance(message.get("content"), str):
+                        raise UserError(f"{source}: row {i}: {key!r} has a message without text content")
+        if row["chosen"] == row["rejected"]:
+            raise UserError(f"{source}: row {i}: chosen and rejected are identical")
+    return ds, conversational

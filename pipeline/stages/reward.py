@@ -16,30 +16,12 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import load_examples, local_files
+from pipeline.data import load_preference_pairs, local_files
 from pipeline.modeling import load_tokenizer, resolve_model_path
 from pipeline.tracking import log
+from pipeline.trl_common import TrlTrainConfig, trainer_resume_point, training_kwargs
 
 STAGE = "reward"
-ROLES = {"system", "user", "assistant"}
-
-
-@config
-class RewardTrainConfig:
-    seed: int = field(0, "Seed for the score head's initialisation and the data order.")
-    lr: float = field(1e-4, "Peak learning rate.", gt=0)
-    max_steps: int = field(200, "Optimizer steps (-1: train for `epochs`).", ge=-1)
-    epochs: float = field(1.0, "Epochs, used when max_steps is -1.", gt=0)
-    micro_batch_size: int = field(16, "Pairs per process per forward pass.", ge=1)
-    gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
-    warmup_ratio: float = field(0.05, "Share of steps spent warming up.", ge=0.0, lt=1.0)
-    weight_decay: float = field(0.0, "AdamW weight decay.", ge=0.0)
-    lr_scheduler: str = field("cosine", "transformers scheduler name (cosine, linear, constant...).")
-    logging_steps: int = field(10, "Log every N steps.", ge=1)
-    save_steps: int = field(100, "Checkpoint every N steps.", ge=1)
-    save_total_limit: int = field(2, "Keep the newest N checkpoints.", ge=1)
-    gradient_checkpointing: bool = field(False, "Recompute activations in backward (less memory, slower).")
-    center_rewards_coefficient: float | None = field(None, "Pull mean rewards to 0 (Eisenstein et al. 2023).")
 
 
 @config
@@ -54,7 +36,8 @@ class RewardConfig:
     max_length: int = field(512, "Longest prompt+response in tokens; longer pairs are dropped.", ge=8)
     precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16.")
     resume: str = field("auto", "auto (newest checkpoint in output_dir/checkpoints), never, or a checkpoint path.")
-    train: RewardTrainConfig = field(factory=RewardTrainConfig, help="Optimisation.")
+    train: TrlTrainConfig = field(factory=TrlTrainConfig, help="Optimisation.")
+    center_rewards_coefficient: float | None = field(None, "Pull mean rewards to 0 (Eisenstein et al. 2023).")
 
     def check(self) -> list[str]:
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -63,40 +46,6 @@ class RewardConfig:
 
 
 Config = RewardConfig
-
-
-# --- data ---------------------------------------------------------------------------------------------------------
-
-
-def check_pairs(ds, source: str) -> bool:
-    """Raise a UserError naming the first bad row; return True when the pairs are conversational."""
-    conversational = isinstance(ds[0]["chosen"], list)
-    has_prompt = "prompt" in ds.column_names
-    for i, row in enumerate(ds):
-        for key in ("prompt", "chosen", "rejected") if has_prompt else ("chosen", "rejected"):
-            value = row.get(key)
-            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-                raise UserError(f"{source}: row {i}: {key!r} is missing or empty")
-            if conversational != isinstance(value, list):
-                raise UserError(f"{source}: row {i}: {key!r} mixes message lists and plain strings")
-            if conversational:
-                for message in value:
-                    if not isinstance(message, dict) or message.get("role") not in ROLES:
-                        role = message.get("role") if isinstance(message, dict) else message
-                        raise UserError(
-                            f"{source}: row {i}: {key!r} has role {role!r}; expected system, user or assistant"
-                        )
-                    if not isinstance(message.get("content"), str):
-                        raise UserError(f"{source}: row {i}: {key!r} has a message without text content")
-        if row["chosen"] == row["rejected"]:
-            raise UserError(f"{source}: row {i}: chosen and rejected are identical")
-    return conversational
-
-
-def _load_pairs(data: DataConfig):
-    ds = load_examples(data, required=["chosen", "rejected"])
-    keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
-    return ds.select_columns(keep)
 
 
 # --- scoring ------------------------------------------------------------------------------------------------------
@@ -165,11 +114,9 @@ def run(cfg: RewardConfig) -> dict | None:
     tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # a classifier must know where padding starts to find the last real token
         tokenizer.pad_token = tokenizer.eos_token
-    train_ds = _load_pairs(cfg.data)
-    conversational = check_pairs(train_ds, str(cfg.data.path))
+    train_ds, conversational = load_preference_pairs(cfg.data)
     if cfg.eval_data is not None:
-        eval_ds = _load_pairs(cfg.eval_data)
-        check_pairs(eval_ds, str(cfg.eval_data.path))
+        eval_ds, _ = load_preference_pairs(cfg.eval_data)
     else:
         split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
         train_ds, eval_ds = split["train"], split["test"]
@@ -177,18 +124,11 @@ def run(cfg: RewardConfig) -> dict | None:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
                         "use a tokenizer stage folder (tokenizer=...) or a chat model")
     checkpoints = out / "checkpoints"
-    resume_from = None
-    if cfg.resume == "auto":
-        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        resume_from = str(found[-1]) if found else None
-    elif cfg.resume != "never":
-        resume_from = cfg.resume
+    resume_from = trainer_resume_point(checkpoints, cfg.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         begin_stage(out, cfg)
 
     # --- model: the causal LM's body with a fresh one-output score head
-    on_gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "") not in ("1", "true")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu and torch.cuda.is_bf16_supported())
     torch.manual_seed(cfg.train.seed)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -200,17 +140,9 @@ def run(cfg: RewardConfig) -> dict | None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
     args = TrlRewardConfig(
-        output_dir=str(checkpoints), seed=cfg.train.seed, learning_rate=cfg.train.lr,
-        max_steps=cfg.train.max_steps, num_train_epochs=cfg.train.epochs,
-        per_device_train_batch_size=cfg.train.micro_batch_size, per_device_eval_batch_size=cfg.train.micro_batch_size,
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps, warmup_steps=cfg.train.warmup_ratio,
-        weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.lr_scheduler,
-        logging_steps=cfg.train.logging_steps, save_steps=cfg.train.save_steps,
-        save_total_limit=cfg.train.save_total_limit, gradient_checkpointing=cfg.train.gradient_checkpointing,
-        center_rewards_coefficient=cfg.train.center_rewards_coefficient, max_length=cfg.max_length,
-        eval_strategy="no", report_to="none", use_cpu=not on_gpu, bf16=bf16, disable_tqdm=False,
-        dataloader_num_workers=0,
-    )  # fmt: skip
+        **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient, eval_strategy="no",
+    )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out", STAGE)
     before = pair_metrics(trainer.model, tokenizer, eval_ds) if trainer.is_world_process_zero() else {}

@@ -1,0 +1,65 @@
+"""What the stages built on trl's trainers share: the optimisation section, TrainingArguments, resume, saving.
+
+Kept small on purpose: each stage still builds its own trl config and trainer in plain sight.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import UserError, config, field
+
+
+@config
+class TrlTrainConfig:
+    seed: int = field(0, "Seed for new weights (heads, adapters) and the data order.")
+    lr: float = field(1e-4, "Peak learning rate.", gt=0)
+    max_steps: int = field(200, "Optimizer steps (-1: train for `epochs`).", ge=-1)
+    epochs: float = field(1.0, "Epochs, used when max_steps is -1.", gt=0)
+    micro_batch_size: int = field(16, "Examples per process per forward pass.", ge=1)
+    gradient_accumulation_steps: int = field(1, "Micro-batches per optimizer step.", ge=1)
+    warmup_ratio: float = field(0.05, "Share of steps spent warming up.", ge=0.0, lt=1.0)
+    weight_decay: float = field(0.0, "AdamW weight decay.", ge=0.0)
+    lr_scheduler: str = field("cosine", "transformers scheduler name (cosine, linear, constant...).")
+    logging_steps: int = field(10, "Log every N steps.", ge=1)
+    save_steps: int = field(100, "Checkpoint every N steps.", ge=1)
+    save_total_limit: int = field(2, "Keep the newest N checkpoints.", ge=1)
+    gradient_checkpointing: bool = field(False, "Recompute activations in backward (less memory, slower).")
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+
+
+def training_kwargs(train: TrlTrainConfig, precision: str, checkpoints: Path) -> dict:
+    """Keyword arguments every trl config takes. trl defaults to bf16 and refuses a CPU without use_cpu=True,
+    and with use_cpu alone keeps bf16 autocast on (2.3x slower here): both are set explicitly."""
+    import torch
+
+    gpu = on_gpu()
+    bf16 = precision == "bf16" or (precision == "auto" and gpu and torch.cuda.is_bf16_supported())
+    return dict(
+        output_dir=str(checkpoints), seed=train.seed, learning_rate=train.lr, max_steps=train.max_steps,
+        num_train_epochs=train.epochs, per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay, lr_scheduler_type=train.lr_scheduler, logging_steps=train.logging_steps,
+        save_steps=train.save_steps, save_total_limit=train.save_total_limit,
+        gradient_checkpointing=train.gradient_checkpointing, report_to="none", use_cpu=not gpu, bf16=bf16,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+
+
+def trainer_resume_point(checkpoints: Path, resume: str) -> str | None:
+    """Trainer's newest `checkpoint-N` for resume: auto, None for never, or the given path (which must exist)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+        return str(found[-1]) if found else None
+    if not Path(resume).is_dir():
+        raise UserError(f"resume: {resume} is not a checkpoint folder; use auto, never or a checkpoint-N path")
+    return resume
