@@ -20,6 +20,7 @@ STAGES = {
     "tokenizer": ("pipeline.stages.tokenizer", "train a byte-level BPE tokenizer with chat tokens"),
     "pretrain": ("pipeline.stages.pretrain", "train a causal LM from scratch (or continue one) on packed text"),
     "reward": ("pipeline.stages.reward", "train a reward model (one score) on preference pairs with trl"),
+    "dpo": ("pipeline.stages.dpo", "align a chat model on preference pairs with trl's DPO"),
 }
 EXIT_BAD_INPUT = 2
 

@@ -63,3 +63,36 @@ def trainer_resume_point(checkpoints: Path, resume: str) -> str | None:
     if not Path(resume).is_dir():
         raise UserError(f"resume: {resume} is not a checkpoint folder; use auto, never or a checkpoint-N path")
     return resume
+
+
+@config
+class LoraSection:
+    enabled: bool = field(False, "Train LoRA adapters (peft) instead of all weights.")
+    r: int = field(16, "Adapter rank.", ge=1)
+    alpha: int = field(32, "Adapter scaling numerator (scale = alpha / r).", ge=1)
+    dropout: float = field(0.05, "Dropout on the adapter input.", ge=0.0, lt=1.0)
+    target_modules: str | list[str] = field(
+        "all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names."
+    )
+    merge: bool = field(True, "Merge the adapters into the saved model (loads without peft); else save adapters.")
+
+
+def peft_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
+    """The peft LoraConfig for a LoraSection, or None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type)  # fmt: skip
+
+
+def save_trained_model(trainer, tokenizer, folder: Path, merge: bool, generation_config=None) -> None:
+    """save_pretrained (safetensors) of the trained model; LoRA adapters merged into the weights when asked."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
