@@ -121,8 +121,10 @@ def run(cfg: RewardConfig) -> dict | None:
         split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
         train_ds, eval_ds = split["train"], split["test"]
     if conversational and not tokenizer.chat_template:
-        raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
-                        "use a tokenizer stage folder (tokenizer=...) or a chat model")
+        raise UserError(
+            f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
+            "use a tokenizer stage folder (tokenizer=...) or a chat model"
+        )
     checkpoints = out / "checkpoints"
     resume_from = trainer_resume_point(checkpoints, cfg.resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -140,8 +142,10 @@ def run(cfg: RewardConfig) -> dict | None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
     args = TrlRewardConfig(
-        **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length,
-        center_rewards_coefficient=cfg.center_rewards_coefficient, eval_strategy="no",
+        **training_kwargs(cfg.train, cfg.precision, checkpoints),
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        eval_strategy="no",
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out", STAGE)
@@ -168,8 +172,11 @@ def run(cfg: RewardConfig) -> dict | None:
         if cfg.eval_data is not None:
             inputs["eval_data"] = _describe(cfg.eval_data)
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
-        log(f"done: held-out pair accuracy {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}, "
-            f"margin {after['mean_margin']:.3f} -> {out / 'model'}", STAGE)
+        log(
+            f"done: held-out pair accuracy {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}, "
+            f"margin {after['mean_margin']:.3f} -> {out / 'model'}",
+            STAGE,
+        )
     trainer.accelerator.wait_for_everyone()
     return metrics
 
