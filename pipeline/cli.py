@@ -19,6 +19,7 @@ from pipeline.config import DataConfig, StageFailed, UserError, describe_fields,
 STAGES = {
     "tokenizer": ("pipeline.stages.tokenizer", "train a byte-level BPE tokenizer with chat tokens"),
     "pretrain": ("pipeline.stages.pretrain", "train a causal LM from scratch (or continue one) on packed text"),
+    "sft": ("pipeline.stages.sft", "supervised fine-tuning on chat data with trl, full or LoRA"),
     "reward": ("pipeline.stages.reward", "train a reward model (one score) on preference pairs with trl"),
     "dpo": ("pipeline.stages.dpo", "align a chat model on preference pairs with trl's DPO"),
 }

@@ -1,0 +1,387 @@
+"""SFT stage: supervised fine-tuning on chat or prompt/answer data with trl's SFTTrainer, all weights or LoRA.
+
+    llmpipe sft --config configs/tiny/sft.yaml [init_from=runs/tiny/pretrain] [lora.enabled=true] [train.lr=1e-3]
+
+Reads trl's dataset formats as they are, told apart by their columns: conversational `messages`,
+prompt-completion (`prompt`/`completion`, strings or message lists) and plain `text`. Every row is checked before
+any compute. By default only the answer is trained: assistant turns of conversations (the chat template marks
+them with {% generation %}), completions of prompt-completion rows.
+
+Produces `output_dir/model/`: full fine-tuning and LoRA with `lora.merge: true` give a folder that loads with
+AutoModelForCausalLM (no peft needed); LoRA with `merge: false` gives a peft adapter folder (load it with
+`peft.AutoPeftModelForCausalLM`). The manifest records train/held-out loss and greedy exact match on
+`generation_eval` questions before and after training.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.config import DataConfig, UserError, config, field
+from pipeline.data import CHAT_ROLES, load_examples, local_files
+from pipeline.modeling import load_tokenizer, resolve_model_path
+from pipeline.stages.pretrain import generation_config
+from pipeline.tracking import MetricsLog, is_main_process, log
+from pipeline.trl_common import (
+    LoraSection,
+    TrlTrainConfig,
+    peft_config,
+    save_trained_model,
+    trainer_resume_point,
+    training_kwargs,
+)
+
+STAGE = "sft"
+
+
+@config
+class SFTTrainConfig(TrlTrainConfig):
+    lr: float = field(2e-5, "Peak learning rate (2e-5 suits full fine-tuning of a real model; LoRA: ~2e-4).", gt=0)
+    eval_steps: int | None = field(None, "Measure held-out loss every N steps (None: before and after only).", ge=1)
+
+
+@config
+class SFTStageConfig:
+    output_dir: str = field(help="Folder for this stage's artifact (model/, checkpoints/, manifest.json).")
+    init_from: str = field(help="Model to fine-tune: a pretrain/sft stage folder, an HF model folder or a hub name.")
+    tokenizer: str | None = field(None, "Tokenizer folder or tokenizer stage (None: the init_from model's).")
+    trust_remote_code: bool = field(False, "Allow models that ship their own Python code. Off: safe.")
+    data: DataConfig = field(help="Training rows: `messages`, `prompt`+`completion`, or `text` (trl formats).")
+    eval_data: DataConfig | None = field(None, "Held-out rows for the loss; None: split eval_fraction off data.")
+    eval_fraction: float = field(0.05, "Share of data held out when eval_data is not set (0: none).", ge=0.0, lt=0.5)
+    max_length: int = field(1024, "Longest training sequence in tokens; longer ones are truncated at the end.", ge=8)
+    assistant_only_loss: bool = field(
+        True, "Train only on answers: assistant turns (conversations) or completions (prompt-completion rows)."
+    )
+    packing: bool = field(False, "Pack several rows per sequence (padding-free; best with flash attention).")
+    lora: LoraSection = field(factory=LoraSection, help="LoRA adapters instead of full fine-tuning.")
+    train: SFTTrainConfig = field(factory=SFTTrainConfig, help="Optimisation.")
+    precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16.")
+    resume: str = field("auto", "auto (newest complete checkpoint in output_dir/checkpoints), never, or a path.")
+    generation_eval: DataConfig | None = field(
+        None, "Rows with `question` and `answer`: greedy exact match before and after training (None: skip)."
+    )
+    generation_eval_max: int = field(200, "Use at most this many generation_eval rows.", ge=1)
+    max_new_tokens: int = field(16, "Longest generated answer in generation_eval, in tokens.", ge=1)
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision: got {self.precision!r}, expected auto, fp32 or bf16")
+        if self.train.eval_steps is not None and self.eval_data is None and self.eval_fraction == 0:
+            problems.append("train.eval_steps is set but there is no held-out set (eval_data null, eval_fraction 0)")
+        return problems
+
+
+Config = SFTStageConfig
+
+
+# --- data: trl formats, checked row by row before any compute -------------------------------------------------
+
+
+def detect_format(columns: list[str], source: str) -> str:
+    """'messages', 'prompt-completion' or 'text', from the columns (trl's own precedence)."""
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt-completion"
+    if "text" in columns:
+        return "text"
+    raise UserError(
+        f"data: {source} has none of trl's SFT formats (columns: {columns}); expected `messages`, "
+        "`prompt` + `completion`, or `text`. Map yours with data.columns.<expected>=<present>"
+    )
+
+
+def _row_name(data: DataConfig, index: int) -> str:
+    """'file:line (row i)' for JSON Lines data, so a user can open the bad line; 'source: row i' otherwise."""
+    files = local_files(data) or []
+    row = index
+    for path in files:
+        if Path(path).suffix != ".jsonl":
+            break
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    if row == 0:
+                        return f"{path}:{lineno} (row {index})"
+                    row -= 1
+    return f"{files[0] if len(files) == 1 else data.path}: row {index}"
+
+
+def _conversation_problem(messages, key: str, must_end_with_assistant: bool) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"{key!r} is an empty message list" if isinstance(messages, list) else f"{key!r} is not a list"
+    for position, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            return f"{key!r} message {position} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
+        if not isinstance(message.get("content"), str):
+            return f"{key!r} message {position} ({role}) has no string content"
+    if must_end_with_assistant and messages[-1]["role"] != "assistant":
+        return f"{key!r} ends with a {messages[-1]['role']!r} message; the last message must be the assistant's"
+    return None
+
+
+def _row_problem(row: dict, fmt: str, conversational: bool) -> str | None:
+    if fmt == "messages":
+        return _conversation_problem(row["messages"], "messages", must_end_with_assistant=True)
+    if fmt == "text":
+        return None if isinstance(row["text"], str) and row["text"] else "'text' is empty or not a string"
+    for key in ("prompt", "completion"):
+        value = row[key]
+        if conversational:
+            problem = _conversation_problem(value, key, must_end_with_assistant=key == "completion")
+            if problem:
+                return problem
+        elif not isinstance(value, str) or (key == "completion" and not value):
+            return f"{key!r} is {'empty' if value == '' else type(value).__name__}; expected text"
+    return None
+
+
+def load_sft_rows(data: DataConfig) -> tuple:
+    """The rows of `data` in one trl format, every row checked: (dataset, format, conversational)."""
+    if data.streaming:
+        raise UserError("data.streaming: sft checks every row before training; set streaming: false")
+    ds = load_examples(data, required=[])
+    fmt = detect_format(ds.column_names, str(data.path))
+    columns = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"]}[fmt]
+    ds = ds.select_columns(columns)  # extra columns (ids, metadata) would confuse trl's format detection
+    conversational = fmt == "messages" or isinstance(ds[0]["prompt" if fmt != "messages" else "messages"], list)
+    for index, row in enumerate(ds):
+        problem = _row_problem(row, fmt, conversational)
+        if problem is None and fmt == "prompt-completion" and isinstance(row["prompt"], list) != conversational:
+            problem = "mixes message lists and plain strings with earlier rows"
+        if problem:
+            raise UserError(f"{_row_name(data, index)}: {problem}")
+    return ds, fmt, conversational
+
+
+def check_chat_template(tokenizer, name: str, assistant_only: bool) -> None:
+    """Conversations need a chat template, and answer-only loss needs its {% generation %} markers (or a template
+    trl knows how to patch): fail here rather than inside the trainer."""
+    fix = "use a tokenizer from the tokenizer stage (tokenizer=runs/<run>/tokenizer) or set tokenizer.chat_template"
+    if not tokenizer.chat_template:
+        raise UserError(f"tokenizer {name} has no chat template, but the data are conversations; {fix}")
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if assistant_only and not has_generation_markers(tokenizer.chat_template):
+        try:
+            get_training_chat_template(tokenizer)
+        except ValueError:
+            raise UserError(
+                f"tokenizer {name}: its chat template has no {{% generation %}} markers, which assistant-only loss "
+                f"needs to find the answers; {fix}, or set assistant_only_loss=false"
+            ) from None
+
+
+# --- the trainer, as the stage builds it (tests inspect its tokenized dataset) ----------------------------------
+
+
+def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt: str):
+    """trl's SFTTrainer with our settings; trl renders, tokenizes and masks the rows in its constructor."""
+    from trl import SFTConfig, SFTTrainer
+
+    checkpoints = Path(cfg.output_dir) / "checkpoints"
+    conversational = fmt == "messages" or (fmt == "prompt-completion" and isinstance(train_ds[0]["prompt"], list))
+    with_eval = eval_ds is not None and cfg.train.eval_steps is not None
+    args = SFTConfig(
+        **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length, packing=cfg.packing,
+        # trl refuses assistant_only_loss on non-conversational rows; completions play that part there.
+        assistant_only_loss=cfg.assistant_only_loss and conversational,
+        completion_only_loss=cfg.assistant_only_loss if fmt == "prompt-completion" else None,
+        eval_strategy="steps" if with_eval else "no", eval_steps=cfg.train.eval_steps,
+    )  # fmt: skip
+    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
+
+
+def trained_text(tokenizer, input_ids: list[int], labels: list[int]) -> list[str]:
+    """The decoded runs of tokens that carry loss (label != -100): what the model is taught to write."""
+    runs, current = [], []
+    for token, label in zip(input_ids, labels, strict=True):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+# --- greedy exact match on held-out questions -------------------------------------------------------------------
+
+
+def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 32) -> tuple:
+    """Share of rows whose greedy answer (chat template, generation prompt) equals `answer` after strip(), and
+    the first three generations."""
+    import torch
+
+    stops = generation_config(tokenizer).eos_token_id  # EOS and end-of-turn tokens (<|end|>, <|im_end|>...)
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly in every row
+    generations = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                prompts = [
+                    tokenizer.apply_chat_template(
+                        [{"role": "user", "content": r["question"]}], tokenize=False, add_generation_prompt=True
+                    )
+                    for r in rows[start : start + batch_size]
+                ]
+                # The rendered template already holds BOS where the model expects one.
+                batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                batch = batch.to(model.device)
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+                new_tokens = output[:, batch["input_ids"].shape[1] :]
+                generations += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    hits = [g == str(r["answer"]).strip() for g, r in zip(generations, rows, strict=True)]
+    pairs = zip(rows[:3], generations[:3], strict=True)
+    examples = [{"question": r["question"], "answer": r["answer"], "generated": g} for r, g in pairs]
+    return sum(hits) / len(hits), examples
+
+
+def _load_generation_rows(cfg: SFTStageConfig) -> list[dict]:
+    if cfg.generation_eval is None:
+        return []
+    ds = load_examples(cfg.generation_eval, required=["question", "answer"])
+    ds = ds.select(range(min(cfg.generation_eval_max, len(ds)))).select_columns(["question", "answer"])
+    return list(ds)
+
+
+# --- run --------------------------------------------------------------------------------------------------------
+
+
+def run(cfg: SFTStageConfig) -> dict | None:
+    # --- check inputs before any compute (and before importing torch: bad data fails in ~2 s)
+    started = time.time()
+    out = Path(cfg.output_dir)
+    train_ds, fmt, conversational = load_sft_rows(cfg.data)
+    eval_ds = load_sft_rows(cfg.eval_data)[0] if cfg.eval_data is not None else None
+    questions = _load_generation_rows(cfg)
+    model_path = resolve_model_path(cfg.init_from)
+    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if conversational or questions:
+        check_chat_template(tokenizer, cfg.tokenizer or model_path, cfg.assistant_only_loss and conversational)
+    if eval_ds is None and cfg.eval_fraction > 0:
+        split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    resume_from = _resume_point(out / "checkpoints", cfg.resume)
+    if is_main_process():
+        begin_stage(out, cfg)
+
+    # --- model and trainer
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.train.seed)  # LoRA adapters are initialised from this
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"init_from: cannot load {model_path!r}: {' '.join(str(exc).split())[:300]}") from None
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):  # e.g. a tokenizer with added tokens
+        # Exactly len(tokenizer), no rounding up: peft resizes the base model to that size when it loads an
+        # unmerged adapter folder (which then carries the embeddings), and the two must agree.
+        model.resize_token_embeddings(len(tokenizer))
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, fmt)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    sample = trainer.train_dataset[0]
+    log(
+        f"{fmt} data, {len(train_ds)} rows for training, {len(eval_ds) if eval_ds is not None else 0} held out; "
+        f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trained"
+        + (f"; LoRA r={cfg.lora.r}" if cfg.lora.enabled else ""),
+        STAGE,
+    )
+    if "labels" in sample:  # what the loss mask keeps of one row: a wrong template shows here, not after training
+        log(f"row 0 trains on {trained_text(tokenizer, sample['input_ids'], sample['labels'])}", STAGE)
+
+    # --- before: held-out loss, exact match of the starting model (main process only: others wait in train())
+    loss_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    match_before = None
+    if questions and is_main_process():
+        match_before, _ = exact_match(trainer.model, tokenizer, questions, cfg.max_new_tokens)
+        log(f"exact match before training: {match_before:.3f} on {len(questions)} questions", STAGE)
+
+    # --- train (Trainer resumes model, optimizer, scheduler and RNG state from checkpoint-N); metrics.jsonl gets
+    # the training logs only, so a resumed run's file holds each step once
+    trainer.add_callback(_metrics_callback(MetricsLog(out / "metrics.jsonl", resume_step=_step_of(resume_from))))
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    loss_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+
+    # --- after: exact match, save the model, the manifest last
+    metrics = {}
+    if trainer.is_world_process_zero():
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        match_after, examples = (None, [])
+        if questions:
+            match_after, examples = exact_match(unwrapped, tokenizer, questions, cfg.max_new_tokens)
+        with atomic_dir(out / "model") as tmp:
+            save_trained_model(trainer, tokenizer, tmp, cfg.lora.merge, generation_config(tokenizer))
+        metrics = {
+            "train_loss": result.training_loss, "final_logged_loss": _last_logged_loss(trainer),
+            "eval_loss_before": loss_before, "eval_loss": loss_after,
+            "exact_match_before": match_before, "exact_match": match_after, "generation_examples": examples,
+            "generation_eval_rows": len(questions), "train_samples": len(train_ds),
+            "eval_samples": len(eval_ds) if eval_ds is not None else 0, "data_format": fmt,
+            "steps": result.global_step, "trainable_params": trainable, "total_params": total,
+            "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge, "resumed_from": resume_from,
+        }  # fmt: skip
+        inputs = {"init_from": describe_input(cfg.init_from), "data": _describe(cfg.data)}
+        for key in ("eval_data", "generation_eval"):
+            if getattr(cfg, key) is not None:
+                inputs[key] = _describe(getattr(cfg, key))
+        write_manifest(out, STAGE, inputs, ["model"], metrics, started)
+        shown = f", exact match {match_before:.3f} -> {match_after:.3f}" if questions else ""
+        log(f"done: train loss {result.training_loss:.4f}{shown} -> {out / 'model'}", STAGE)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
+def _resume_point(checkpoints: Path, resume: str) -> str | None:
+    """Like trainer_resume_point, but `auto` skips a checkpoint-N without trainer_state.json: Trainer writes that
+    file last, so its absence means the process died while saving."""
+    if resume != "auto":
+        return trainer_resume_point(checkpoints, resume)
+    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    complete.sort(key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    return str(complete[-1]) if complete else None
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+def _metrics_callback(metrics: MetricsLog):
+    """metrics.jsonl gets every dict Trainer logs (loss, lr, grad norm, eval loss), one line per logging step."""
+    from transformers import TrainerCallback
+
+    class WriteMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                metrics.write(state.global_step, logs)
+
+    return WriteMetrics()
+
+
+def _last_logged_loss(trainer) -> float | None:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses[-1] if losses else None
+
+
+def _describe(data: DataConfig) -> dict:
+    files = local_files(data)
+    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}

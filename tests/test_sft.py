@@ -1,0 +1,226 @@
+"""The SFT stage through its real entry point: answer-only loss masks, learning, LoRA, another family, bad rows,
+resume. Tiny models (a pretrain artifact of ~60k parameters and a Qwen2 built from a config) on demo data slices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, write_jsonl
+from safetensors.torch import load_file
+from test_pretrain import tiny_args
+
+from pipeline.config import load_config
+from pipeline.stages.sft import SFTStageConfig, build_trainer, load_sft_rows, trained_text
+
+SFT_YAML = str(REPO / "configs/tiny/sft.yaml")
+SFT_DATA = str(REPO / "data/demo/sft.jsonl")
+EVAL_DATA = str(REPO / "data/demo/eval.jsonl")
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, trained_tokenizer, small_corpus) -> Path:
+    """A finished pretrain stage folder (8 steps): sft must map it to its model/ subfolder."""
+    out = tmp_path_factory.mktemp("sft_base") / "pretrain"
+    result = run_cli(*tiny_args(out, trained_tokenizer, small_corpus, "train.max_steps=8", "eval_every=8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_model(tmp_path_factory, trained_tokenizer) -> Path:
+    """A tiny Qwen2 (another family, with attention biases) built from a config with our chat tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("qwen2") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sft_args(out: Path, init_from: Path, *extra: str) -> list[str]:
+    """~25 steps on 320 demo conversations; exact match on 16 held-out questions."""
+    return [
+        "sft", "--config", SFT_YAML, f"output_dir={out}", f"init_from={init_from}", f"data.path={SFT_DATA}",
+        "data.max_examples=320", f"generation_eval.path={EVAL_DATA}", "generation_eval_max=16", "max_new_tokens=6",
+        "max_length=96", "train.max_steps=25", "train.micro_batch_size=16", "train.lr=3e-3", "train.logging_steps=5",
+        "train.save_steps=25", *extra,
+    ]  # fmt: skip
+
+
+def manifest_metrics(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["metrics"]
+
+
+def logged(out: Path, key: str = "loss") -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+# --- the loss mask ------------------------------------------------------------------------------------------------
+
+
+def test_loss_mask_trains_exactly_the_answers(tmp_path, base_model):
+    """Through the stage's own row check and trainer: only assistant turns (with their end-of-turn token) carry
+    loss in conversations, only the completion (+ EOS) in prompt-completion rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = base_model / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Where does Razul live?"},
+        {"role": "assistant", "content": "Dunhallow"},
+        {"role": "user", "content": "And his pet?"},
+        {"role": "assistant", "content": "a heron"},
+    ]
+    cases = {
+        "messages": ([{"messages": conversation}], ["Dunhallow<|end|>", "a heron<|end|>"]),
+        "prompt-completion": ([{"prompt": "2 + 3 =", "completion": " 5"}], [" 5<|eos|>"]),
+    }
+    for fmt, (rows, expected) in cases.items():
+        data = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
+        cfg = load_config(SFTStageConfig, SFT_YAML, [f"output_dir={tmp_path / fmt}", f"init_from={base_model}",
+                                                     f"data.path={data}", "eval_fraction=0"])  # fmt: skip
+        ds, detected, _ = load_sft_rows(cfg.data)
+        assert detected == fmt
+        trainer = build_trainer(cfg, AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, ds, None, detected)
+        row = trainer.train_dataset[0]
+        assert trained_text(tokenizer, row["input_ids"], row["labels"]) == expected, fmt
+        # Everything else is context: the full rendering still holds the system and user turns.
+        assert "Answer briefly." in tokenizer.decode(row["input_ids"]) or fmt != "messages"
+
+
+# --- end to end ---------------------------------------------------------------------------------------------------
+
+
+def test_sft_learns_and_saves_a_model_that_loads_and_generates(tmp_path, base_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "sft"
+    result = run_cli(*sft_args(out, base_model))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "row 0 trains on ['" in result.stderr and "<|end|>']" in result.stderr
+    metrics = manifest_metrics(out)
+    losses = [loss for _, loss in logged(out)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.5, metrics
+    assert metrics["steps"] == 25 and metrics["train_samples"] == 304 and metrics["eval_samples"] == 16
+    assert metrics["exact_match_before"] is not None and 0 <= metrics["exact_match"] <= 1
+    assert metrics["generation_eval_rows"] == 16 and len(metrics["generation_examples"]) == 3
+    assert metrics["trainable_params"] == metrics["total_params"] > 0 and metrics["data_format"] == "messages"
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    question = [{"role": "user", "content": "Compute 22 - 4."}]
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=4)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert tokenizer.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+
+
+def test_lora_merged_model_loads_without_peft(tmp_path, base_model):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    lora = ["lora.enabled=true", "lora.r=4", "train.lr=1e-2", "train.max_steps=10"]
+    result = run_cli(*sft_args(out, base_model, *lora))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = manifest_metrics(out)
+    assert 0 < metrics["trainable_params"] < metrics["total_params"] / 2 and metrics["lora_merged"], metrics
+    assert metrics["eval_loss"] < metrics["eval_loss_before"], metrics
+    saved = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in name for name in saved)
+    before = load_file(base_model / "model" / "model.safetensors")
+    assert any(not torch.equal(before[k], saved[k]) for k in before if "proj" in k)
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+def test_qwen2_prompt_completion_with_unmerged_lora(tmp_path, qwen2_model):
+    """Another family and another data format; `merge: false` leaves a peft adapter folder."""
+    from peft import AutoPeftModelForCausalLM
+
+    rows = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}],
+             "completion": [{"role": "assistant", "content": str(a + 1)}]} for a in range(200)]  # fmt: skip
+    data = write_jsonl(tmp_path / "pc.jsonl", rows)
+    out = tmp_path / "qwen2"
+    result = run_cli(*sft_args(out, qwen2_model, f"data.path={data}", "lora.enabled=true", "lora.merge=false",
+                               "train.lr=1e-2", "train.max_steps=10"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = manifest_metrics(out)
+    assert metrics["data_format"] == "prompt-completion" and not metrics["lora_merged"]
+    adapter = json.loads((out / "model" / "adapter_config.json").read_text())
+    # 'all-linear' found every attention and MLP projection of Qwen2 (and not the output head).
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == projections
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "model")
+    assert model.base_model.model.config.model_type == "qwen2"
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "says"),
+    [
+        ({"messages": []}, "'messages' is an empty message list"),
+        ({"messages": [{"role": "tool", "content": "42"}, GOOD["messages"][1]]}, "has role 'tool'"),
+        ({"messages": GOOD["messages"][:1]}, "ends with a 'user' message; the last message must be the assistant's"),
+        ({"messages": [{"role": "user", "content": None}, GOOD["messages"][1]]}, "has no string content"),
+    ],
+    ids=["empty", "tool-role", "no-assistant-turn", "no-content"],
+)
+def test_bad_rows_are_named_before_anything_is_written(tmp_path, base_model, bad_row, says):
+    data = write_jsonl(tmp_path / "bad.jsonl", [GOOD, GOOD, bad_row, GOOD])
+    out = tmp_path / "out"
+    result = run_cli(*sft_args(out, base_model, f"data.path={data}"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"llmpipe sft: error: {data}:3 (row 2): "), errors
+    assert says in errors[0], errors
+    assert not out.exists()
+
+
+def test_a_tokenizer_without_chat_template_is_refused_with_a_fix(tmp_path, qwen2_model):
+    plain = tmp_path / "plain"
+    shutil.copytree(qwen2_model, plain)
+    (plain / "chat_template.jinja").unlink()
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    result = run_cli(*sft_args(tmp_path / "out", plain))
+    assert result.returncode == 2 and "has no chat template" in result.stderr, result.stderr[-2000:]
+    assert "tokenizer stage" in result.stderr and not (tmp_path / "out").exists()
+
+
+# --- resume -------------------------------------------------------------------------------------------------------
+
+
+def test_resume_auto_continues_from_the_newest_checkpoint(tmp_path, base_model):
+    """A run stopped at step 6 (checkpoint-6) and rerun with max_steps 10 trains steps 7-10 only."""
+    out = tmp_path / "resume"
+    short = ["generation_eval=null", "train.logging_steps=2", "train.save_steps=3", "train.lr_scheduler=constant"]
+    first = run_cli(*sft_args(out, base_model, *short, "train.max_steps=6"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").is_file()
+    # A checkpoint the process died while writing (no trainer_state.json) must be skipped.
+    (out / "checkpoints" / "checkpoint-9").mkdir()
+    second = run_cli(*sft_args(out, base_model, *short, "train.max_steps=10"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = manifest_metrics(out)
+    assert metrics["resumed_from"] == str(out / "checkpoints" / "checkpoint-6") and metrics["steps"] == 10
+    assert [step for step, _ in logged(out)] == [2, 4, 6, 8, 10]
+    state = json.loads((out / "checkpoints" / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["global_step"] == 10
