@@ -223,6 +223,14 @@ def pack_dataset(docs, tokenizer, block_size: int, tokenizer_hash: str, num_proc
     )  # fmt: skip
 
 
+def describe_data(data: DataConfig) -> dict:
+    """What a manifest records about a data section: content hashes of local files, or the hub name + revision."""
+    from pipeline.artifacts import describe_input
+
+    files = local_files(data)
+    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}
+
+
 # --- preference pairs -------------------------------------------------------------------------------------------
 
 CHAT_ROLES = ("system", "user", "assistant")

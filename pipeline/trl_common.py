@@ -96,3 +96,22 @@ def save_trained_model(trainer, tokenizer, folder: Path, merge: bool, generation
     tokenizer.save_pretrained(folder)
     if generation_config is not None:
         generation_config.save_pretrained(folder)
+
+
+def load_preference_splits(cfg, tokenizer) -> tuple:
+    """Train and held-out preference pairs of a reward/dpo config (eval_data, or eval_fraction split off data),
+    every row checked; conversations need the tokenizer's chat template."""
+    from pipeline.data import load_preference_pairs
+
+    train_ds, conversational = load_preference_pairs(cfg.data)
+    if cfg.eval_data is not None:
+        eval_ds, _ = load_preference_pairs(cfg.eval_data)
+    else:
+        split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
+        train_ds, eval_ds = split["train"], split["test"]
+    if conversational and not tokenizer.chat_template:
+        raise UserError(
+            f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
+            "use a tokenizer stage folder (tokenizer=...) or a chat model"
+        )
+    return train_ds, eval_ds

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import load_preference_pairs, local_files
+from pipeline.data import describe_data
 from pipeline.modeling import load_tokenizer, resolve_model_path
 from pipeline.stages.pretrain import generation_config
 from pipeline.tracking import log
 from pipeline.trl_common import (
     LoraSection,
     TrlTrainConfig,
+    load_preference_splits,
     peft_config,
     save_trained_model,
     trainer_resume_point,
@@ -82,17 +83,7 @@ def run(cfg: DPOStageConfig) -> dict | None:
     tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_ds, conversational = load_preference_pairs(cfg.data)
-    if cfg.eval_data is not None:
-        eval_ds, _ = load_preference_pairs(cfg.eval_data)
-    else:
-        split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
-        train_ds, eval_ds = split["train"], split["test"]
-    if conversational and not tokenizer.chat_template:
-        raise UserError(
-            f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
-            "use a tokenizer stage folder (tokenizer=...) or a chat model"
-        )
+    train_ds, eval_ds = load_preference_splits(cfg, tokenizer)
     checkpoints = out / "checkpoints"
     resume_from = trainer_resume_point(checkpoints, cfg.resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -133,9 +124,9 @@ def run(cfg: DPOStageConfig) -> dict | None:
             "heldout_logp_margin_before": _logp_margin(before), "heldout_logp_margin": _logp_margin(after),
             "heldout_loss_before": before.get("eval_loss"), "heldout_loss": after.get("eval_loss"),
         }  # fmt: skip
-        inputs = {"init_from": describe_input(cfg.init_from), "data": _describe(cfg.data)}
+        inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
         if cfg.eval_data is not None:
-            inputs["eval_data"] = _describe(cfg.eval_data)
+            inputs["eval_data"] = describe_data(cfg.eval_data)
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         log(
             f"done: held-out log-prob margin {metrics['heldout_logp_margin_before']:.3f} -> "
@@ -151,8 +142,3 @@ def _logp_margin(evaluation: dict) -> float | None:
     """Mean log p(chosen) - log p(rejected) under the policy: what DPO should raise."""
     chosen, rejected = evaluation.get("eval_logps/chosen"), evaluation.get("eval_logps/rejected")
     return None if chosen is None or rejected is None else chosen - rejected
-
-
-def _describe(data: DataConfig) -> dict:
-    files = local_files(data)
-    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}

@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.artifacts import atomic_dir, begin_stage, content_hash, describe_input, write_manifest
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
-from pipeline.data import load_examples, local_files, pack_dataset
+from pipeline.data import describe_data, load_examples, pack_dataset
 from pipeline.modeling import (
     ModelConfig,
     build_model,
@@ -485,7 +485,7 @@ def run(cfg: PretrainConfig) -> dict | None:
             "n_train_blocks": None if cfg.data.streaming else len(train_blocks),
             "first_micro_batch_samples_by_rank": first_samples, "param_checksum_by_rank": checksums,
         }  # fmt: skip
-        inputs = {"tokenizer": {tokenizer_path: tokenizer_hash}, "data": _describe_data(cfg.data)}
+        inputs = {"tokenizer": {tokenizer_path: tokenizer_hash}, "data": describe_data(cfg.data)}
         if cfg.model.init_from:
             inputs["init_from"] = describe_input(cfg.model.init_from)
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
@@ -504,11 +504,6 @@ def _seeded_model(cfg: PretrainConfig, tokenizer):
 
     torch.manual_seed(cfg.train.seed)
     return build_model(cfg.model, tokenizer)
-
-
-def _describe_data(data: DataConfig) -> dict:
-    files = local_files(data)
-    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}
 
 
 def _all_finite(accelerator, loss, grad_norm) -> bool:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import load_preference_pairs, local_files
+from pipeline.data import describe_data
 from pipeline.modeling import load_tokenizer, resolve_model_path
 from pipeline.tracking import log
-from pipeline.trl_common import TrlTrainConfig, trainer_resume_point, training_kwargs
+from pipeline.trl_common import TrlTrainConfig, load_preference_splits, trainer_resume_point, training_kwargs
 
 STAGE = "reward"
 
@@ -114,17 +114,7 @@ def run(cfg: RewardConfig) -> dict | None:
     tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
     if tokenizer.pad_token is None:  # a classifier must know where padding starts to find the last real token
         tokenizer.pad_token = tokenizer.eos_token
-    train_ds, conversational = load_preference_pairs(cfg.data)
-    if cfg.eval_data is not None:
-        eval_ds, _ = load_preference_pairs(cfg.eval_data)
-    else:
-        split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
-        train_ds, eval_ds = split["train"], split["test"]
-    if conversational and not tokenizer.chat_template:
-        raise UserError(
-            f"tokenizer of {cfg.init_from} has no chat template, but the pairs are conversations; "
-            "use a tokenizer stage folder (tokenizer=...) or a chat model"
-        )
+    train_ds, eval_ds = load_preference_splits(cfg, tokenizer)
     checkpoints = out / "checkpoints"
     resume_from = trainer_resume_point(checkpoints, cfg.resume)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -168,9 +158,9 @@ def run(cfg: RewardConfig) -> dict | None:
             "heldout_mean_margin_before": before["mean_margin"], "train_pairs": len(train_ds),
             "resumed_from": resume_from,
         }  # fmt: skip
-        inputs = {"init_from": describe_input(cfg.init_from), "data": _describe(cfg.data)}
+        inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
         if cfg.eval_data is not None:
-            inputs["eval_data"] = _describe(cfg.eval_data)
+            inputs["eval_data"] = describe_data(cfg.eval_data)
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         log(
             f"done: held-out pair accuracy {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}, "
@@ -179,8 +169,3 @@ def run(cfg: RewardConfig) -> dict | None:
         )
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def _describe(data: DataConfig) -> dict:
-    files = local_files(data)
-    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}

@@ -13,9 +13,9 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import iter_texts, load_examples, local_files
+from pipeline.data import describe_data, iter_texts, load_examples
 from pipeline.tracking import is_main_process, log
 
 STAGE = "tokenizer"
@@ -207,10 +207,7 @@ def run(cfg: TokenizerConfig) -> dict | None:
     }
     with atomic_dir(out / "tokenizer") as tmp:
         hf_tokenizer.save_pretrained(tmp)
-    files = local_files(cfg.data)
-    inputs = {
-        "data": describe_input(files) if files is not None else {"hub": cfg.data.path, "revision": cfg.data.revision}
-    }
+    inputs = {"data": describe_data(cfg.data)}
     write_manifest(out, STAGE, inputs, ["tokenizer"], metrics, started)
     bpt = metrics["heldout_bytes_per_token"]
     log(f"done: vocab {metrics['vocab_size']}, {bpt} bytes/token on held-out text -> {Path(out) / 'tokenizer'}", STAGE)
