@@ -54,12 +54,15 @@ def training_kwargs(train: TrlTrainConfig, precision: str, checkpoints: Path) ->
 
 
 def trainer_resume_point(checkpoints: Path, resume: str) -> str | None:
-    """Trainer's newest `checkpoint-N` for resume: auto, None for never, or the given path (which must exist)."""
+    """Trainer's newest complete `checkpoint-N` for resume: auto, None for never, or the given path (must exist).
+
+    Trainer writes trainer_state.json last, so a folder without it is one the process died while saving."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-        return str(found[-1]) if found else None
+        complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        complete.sort(key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+        return str(complete[-1]) if complete else None
     if not Path(resume).is_dir():
         raise UserError(f"resume: {resume} is not a checkpoint folder; use auto, never or a checkpoint-N path")
     return resume

@@ -277,7 +277,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
     if eval_ds is None and cfg.eval_fraction > 0:
         split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
         train_ds, eval_ds = split["train"], split["test"]
-    resume_from = _resume_point(out / "checkpoints", cfg.resume)
+    resume_from = trainer_resume_point(out / "checkpoints", cfg.resume)
     if is_main_process():
         begin_stage(out, cfg)
 
@@ -349,16 +349,6 @@ def run(cfg: SFTStageConfig) -> dict | None:
         log(f"done: train loss {result.training_loss:.4f}{shown} -> {out / 'model'}", STAGE)
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def _resume_point(checkpoints: Path, resume: str) -> str | None:
-    """Like trainer_resume_point, but `auto` skips a checkpoint-N without trainer_state.json: Trainer writes that
-    file last, so its absence means the process died while saving."""
-    if resume != "auto":
-        return trainer_resume_point(checkpoints, resume)
-    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    complete.sort(key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-    return str(complete[-1]) if complete else None
 
 
 def _step_of(checkpoint: str | None) -> int | None:
