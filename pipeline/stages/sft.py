@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import CHAT_ROLES, load_examples, local_files
+from pipeline.data import CHAT_ROLES, describe_data, load_examples, local_files
 from pipeline.modeling import load_tokenizer, resolve_model_path
 from pipeline.stages.pretrain import generation_config
 from pipeline.tracking import MetricsLog, is_main_process, log
@@ -340,10 +340,10 @@ def run(cfg: SFTStageConfig) -> dict | None:
             "steps": result.global_step, "trainable_params": trainable, "total_params": total,
             "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge, "resumed_from": resume_from,
         }  # fmt: skip
-        inputs = {"init_from": describe_input(cfg.init_from), "data": _describe(cfg.data)}
+        inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
         for key in ("eval_data", "generation_eval"):
             if getattr(cfg, key) is not None:
-                inputs[key] = _describe(getattr(cfg, key))
+                inputs[key] = describe_data(getattr(cfg, key))
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         shown = f", exact match {match_before:.3f} -> {match_after:.3f}" if questions else ""
         log(f"done: train loss {result.training_loss:.4f}{shown} -> {out / 'model'}", STAGE)
@@ -370,8 +370,3 @@ def _metrics_callback(metrics: MetricsLog):
 def _last_logged_loss(trainer) -> float | None:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return losses[-1] if losses else None
-
-
-def _describe(data: DataConfig) -> dict:
-    files = local_files(data)
-    return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}
