@@ -1,6 +1,8 @@
 """`llmpipe <stage> [--config FILE] [key.sub=value ...]`, `llmpipe validate <stage> ...`.
 
-The stage table below is the only indirection: each stage module has a `Config` dataclass and `run(cfg)`.
+The stage table below is the only indirection: each stage module has a `Config` dataclass and `run(cfg)`; a
+command of two words (`annotate export`) is one entry. A module's `FLAGS` names config keys that are also taken
+as `--key VALUE` options (`--log labels.jsonl` is `log=labels.jsonl`).
 Bad input (config, data, artifact folders) prints one line per problem and exits with code 2, no traceback.
 """
 
@@ -10,6 +12,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import json
 import sys
 import textwrap
 
@@ -22,6 +25,10 @@ STAGES = {
     "sft": ("pipeline.stages.sft", "supervised fine-tuning on chat data with trl, full or LoRA"),
     "reward": ("pipeline.stages.reward", "train a reward model (one score) on preference pairs with trl"),
     "dpo": ("pipeline.stages.dpo", "align a chat model on preference pairs with trl's DPO"),
+    "eval": ("pipeline.stages.evaluate", "few-shot evaluation (multiple choice, generation) with lm-eval's numbers"),
+    "annotate": ("pipeline.annotate", "label preference pairs in the terminal, one key per judgement"),
+    "annotate export": ("pipeline.annotate_export", "write the labels as preference pairs for reward and dpo"),
+    "annotate stats": ("pipeline.annotate_stats", "labels per annotator, agreement (kappa), position bias"),
 }
 EXIT_BAD_INPUT = 2
 
@@ -58,6 +65,9 @@ def _parser(stage: str, validate: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (keys below); overrides on the command line win")
+    helps = {key: help_text for key, _, _, help_text in describe_fields(module.Config)}
+    for key in getattr(module, "FLAGS", ()):
+        parser.add_argument(f"--{key}", metavar=key.upper(), help=f"same as {key}=...: {helps[key]}")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-4")
     return parser
 
@@ -80,8 +90,9 @@ def _main_usage() -> str:
     return (
         "usage: llmpipe <stage> [--config FILE] [key=value ...]\n"
         "       llmpipe validate <stage> [--config FILE] [key=value ...]\n"
-        "       llmpipe <stage> --help    (lists every config key)\n\n"
-        f"stages:\n{stages}\n"
+        "       llmpipe <stage> --help    (lists every config key)\n"
+        "       llmpipe annotate --pairs FILE --log FILE --annotator NAME    (then: annotate export|stats)\n\n"
+        f"stages and commands:\n{stages}\n"
     )
 
 
@@ -97,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             print("usage: llmpipe validate <stage> [--config FILE] [key=value ...]", file=sys.stderr)
             return EXIT_BAD_INPUT
     stage = argv[0]
+    if len(argv) > 1 and f"{stage} {argv[1]}" in STAGES:  # `annotate export`
+        stage, argv = f"{stage} {argv[1]}", [stage, *argv[2:]]
     prog = f"llmpipe {stage}"
     try:
         module = _stage_module(stage)
         args = _parser(stage, validate).parse_args(argv[1:])
-        cfg = load_config(module.Config, args.config, args.overrides)
+        # --key VALUE options come last so they win; JSON quoting keeps a value such as 007 a string
+        flags = [f"{k}={json.dumps(getattr(args, k))}" for k in getattr(module, "FLAGS", ()) if getattr(args, k)]
+        cfg = load_config(module.Config, args.config, args.overrides + flags)
         _preflight(cfg)
         if validate:
             print(f"{args.config or 'command line'}: valid {stage} config")
