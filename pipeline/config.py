@@ -119,6 +119,12 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{where}: {_one_line(exc)}") from None
 
+    return validate_dict(cls, data, where, override_keys)
+
+
+def validate_dict(cls: type, data: Any, where: str, override_keys: set[str] = frozenset()) -> Any:
+    """Validate plain data (already read from `where`) into `cls`; raise ConfigError listing every problem."""
+    problems: list[str] = []
     try:
         cfg = TypeAdapter(cls).validate_python(data)
     except ValidationError as exc:
