@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import select
 import termios
 import tty
 from contextlib import contextmanager
@@ -163,7 +164,9 @@ class Keys:
             if not self._fill():
                 return ""
         key, self.pending = self.pending[0], self.pending[1:]
-        if key == "\x1b":  # an arrow or function key arrives as ESC [ ... in one read: drop the rest of it
+        if key == "\x1b":  # an arrow or function key is ESC [ ...: wait a moment for the rest, then drop it
+            if not self.pending and select.select([self.fd], [], [], 0.05)[0]:
+                self._fill()
             self.pending = re.sub(r"^(\[[0-9;]*[A-Za-z~]|O[A-Za-z])?", "", self.pending)
             return "escape"
         return key
@@ -199,6 +202,17 @@ class Screen:
         from rich.console import Console
 
         self.cfg, self.total, self.console = cfg, total, Console(highlight=False)
+        self.warnings: list[str] = []  # shown at the top of the next screen, where a clear cannot wipe them
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def notices(self, notice: str) -> None:
+        for message in self.warnings:
+            self.say(f"warning: {message}", "yellow")
+        self.warnings.clear()
+        if notice:
+            self.say(notice, "green")
 
     def say(self, message: str, style: str = "") -> None:
         from rich.text import Text
@@ -213,8 +227,7 @@ class Screen:
 
         sides = {"A": getattr(pair, f"response_{left}"), "B": getattr(pair, f"response_{'b' if left == 'a' else 'a'}")}
         self.console.clear()
-        if notice:
-            self.say(notice, "green")
+        self.notices(notice)
         done = {name: len(labels) for name, labels in sorted(log.labels.items()) if labels}
         progress = "   ".join(f"{name} {count}/{self.total}" for name, count in done.items())
         mine = done.get(self.cfg.annotator, 0)
@@ -282,7 +295,7 @@ def label_loop(cfg: AnnotateConfig, pairs: list[Pair], log: AnnotationLog, keys:
         pair = next_pair(cfg, pairs, log, first)
         if pair is None:
             mine = len(log.labels.get(cfg.annotator, {}))
-            screen.say(notice, "green")
+            screen.notices(notice)
             screen.say(f"all done: {cfg.annotator} has labelled {mine} of {len(pairs)} pairs "
                        "(u = undo the last label, q = quit)", "bold")  # fmt: skip
         else:
@@ -341,13 +354,13 @@ def run(cfg: AnnotateConfig) -> None:
     pairs = load_pairs(cfg.pairs)
 
     # --- the log: a log of other pairs is refused before anything is written
-    log_path = Path(cfg.log)
-    log = AnnotationLog(log_path).refresh()
+    log_path, screen = Path(cfg.log), Screen(cfg, len(pairs))
+    log = AnnotationLog(log_path, warn=screen.warn).refresh()
     if log.header is not None:
         log.check_pairs(cfg.pairs, pairs)
     with annotator_lock(log_path, cfg.annotator), Keys() as keys:
         log.open_for_append(cfg.pairs, pairs)
         try:
-            label_loop(cfg, pairs, log, keys, Screen(cfg, len(pairs)))
+            label_loop(cfg, pairs, log, keys, screen)
         finally:
             log.close()

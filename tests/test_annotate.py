@@ -7,12 +7,18 @@ import json
 import os
 import random
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
+import pytest
 from conftest import REPO, run_cli, write_jsonl
 from test_sft import qwen2_model  # noqa: F401 - a tiny Qwen2 with the test tokenizer (samples pairs, trains reward)
+
+from pipeline.annotation_log import read_log
 
 DEMO_PAIRS = REPO / "data/demo/preference.jsonl"
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9]|[=>])")
@@ -87,6 +93,7 @@ BOB = list(ALICE)
 BOB[1], BOB[10], BOB[8], BOB[14] = "bad", "bad", "good", "both"
 
 
+@pytest.mark.slow  # ~40 s: 5 annotator sessions, 3 CLI runs and a reward training run
 def test_two_annotators_undo_restart_export_train_reward(tmp_path, qwen2_model):  # noqa: F811 (fixture)
     pairs, chosen_of = make_pairs(tmp_path / "pairs.jsonl", 20)
     log = tmp_path / "labels.jsonl"
@@ -145,3 +152,241 @@ def test_two_annotators_undo_restart_export_train_reward(tmp_path, qwen2_model):
     assert reward.returncode == 0, reward.stderr[-3000:]
     manifest = json.loads((tmp_path / "reward/manifest.json").read_text())
     print("reward metrics:", {k: manifest["metrics"][k] for k in ("train_loss", "train_pairs", "heldout_pairs")})
+
+
+# --- crashes --------------------------------------------------------------------------------------------------
+
+
+def acknowledged(text: str) -> dict[str, tuple[str, str]]:
+    """{record id: (pair id, what was said)} for every 'saved: ...' / 'undone: ...' line the screen showed."""
+    return {m.group(4): (m.group(2), m.group(1)) for m in ACK.finditer(text)}
+
+
+@pytest.mark.slow  # ~35 s: 21 process starts
+def test_sigkill_at_random_moments_loses_no_acknowledged_label(tmp_path):
+    pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 60)
+    log = tmp_path / "labels.jsonl"
+    rng = random.Random(0)
+    acked: dict[str, tuple[str, str]] = {}
+    for _ in range(20):
+        term = Terminal(pairs, log, "alice")
+        deadline = time.monotonic() + rng.uniform(0.2, 2.5)  # from mid-start-up to well into labelling
+        while time.monotonic() < deadline:
+            term.child.send(rng.choice("1212tbsuu"))
+            try:
+                term.child.expect(r"q quit|q = quit\)", timeout=rng.uniform(0.0, 0.08))
+            except pexpect.TIMEOUT:
+                pass
+        os.kill(term.child.pid, signal.SIGKILL)
+        term.child.expect(pexpect.EOF)  # everything it printed before it died
+        term.child.close()
+        assert term.child.signalstatus == signal.SIGKILL
+        acked.update(acknowledged(term.text()))
+
+    warnings: list[str] = []
+    state = read_log(log, warn=warnings.append)
+    assert not warnings, warnings
+    lost = {rid: ack for rid, ack in acked.items() if state.by_id.get(rid, {}).get("pair") != ack[0]}
+    assert not lost, f"acknowledged but not in the log: {lost}"
+    assert len(acked) >= 40, f"only {len(acked)} acknowledged actions: the kills came too early to test much"
+    print(f"\n{len(acked)} acknowledged actions over 20 kills, all in the log; {len(state.records)} records")
+
+    # and the log still drives the script: it resumes after the last current label
+    done = len(state.labels["alice"])
+    term = Terminal(pairs, log, "alice")
+    assert f"alice: pair {done + 1} of 60" in term.screen() if done < 60 else "all done" in term.screen()
+    term.quit()
+
+
+def test_torn_last_line_is_ignored_with_a_warning_and_labelling_goes_on(tmp_path):
+    pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 5)
+    log = tmp_path / "labels.jsonl"
+    term = Terminal(pairs, log, "alice")
+    term.screen()
+    term.press("1")
+    term.press("2")
+    term.quit()
+    with open(log, "ab") as f:  # a power cut in the middle of the third record
+        f.write(b'{"type": "label", "id": "torn", "annotator": "alice", "pa')
+
+    stats = run_cli("annotate", "stats", "--log", str(log))
+    assert stats.returncode == 0 and "incomplete last line" in stats.stderr, stats.stderr
+    term = Terminal(pairs, log, "alice")
+    screen = term.screen()
+    assert "incomplete last line" in screen and "alice: pair 3 of 5" in screen
+    assert "saved: pair 3" in term.press("t")
+    term.quit()
+
+    warnings: list[str] = []
+    state = read_log(log, warn=warnings.append)
+    assert len(warnings) == 1 and "unreadable record" in warnings[0], warnings  # the torn line, now ended
+    assert [r["label"] for r in state.labels["alice"].values()][-1] == "tie"
+    assert all(line.endswith("}") for line in log.read_text().splitlines()[-1:])
+
+
+def test_two_annotators_appending_at_once_never_interleave(tmp_path):
+    """Two real processes label 60 pairs each into one log as fast as keys arrive (stdin from a pipe)."""
+    pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 60)
+    log = tmp_path / "labels.jsonl"
+    args = [sys.executable, "-m", "pipeline.cli", "annotate", "--pairs", str(pairs), "--log", str(log)]
+    procs = [
+        subprocess.Popen([*args, "--annotator", name, "guidelines=" + "long " * 2000], cwd=REPO,
+                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for name in ("alice", "bob")
+    ]  # fmt: skip
+    for proc, keys in zip(procs, ("1" * 60 + "q", "r" + "x" * 3000 + "\n" + "2" * 60 + "q"), strict=True):
+        proc.stdin.write(keys)
+        proc.stdin.close()
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    warnings: list[str] = []
+    state = read_log(log, warn=warnings.append)
+    assert not warnings
+    assert len(state.labels["alice"]) == len(state.labels["bob"]) == 60
+    assert len(state.rationales["bob"]) == 1 and len(next(iter(state.rationales["bob"].values()))[0]) == 3000
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_gets_a_clear_message_and_nothing_is_lost(tmp_path):
+    pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 6)
+    log = tmp_path / "labels.jsonl"
+
+    # a pairs file with a missing response: every bad line named, no log created
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    del rows[2]["response_b"]
+    rows[4]["response_a"] = rows[4]["response_b"]
+    broken = write_jsonl(tmp_path / "broken.jsonl", rows)
+    result = run_cli("annotate", "--pairs", str(broken), "--log", str(log), "--annotator", "alice")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"{broken}:3: 'response_b' missing or empty" in result.stderr
+    assert f"{broken}:5: response_a and response_b are identical" in result.stderr
+    assert not log.exists()
+
+    # unknown keys and Enter label nothing; a label after them does
+    term = Terminal(pairs, log, "alice")
+    term.screen()
+    for key in ("x", "\r", "\x1b[A"):  # a letter, Enter, an arrow key
+        term.child.send(key)
+        term.child.expect(r"does nothing here, nothing was labelled; keys:.*?q quit")
+    assert "saved: pair 1" in term.press("1")
+
+    # the same annotator in a second terminal is refused while the first one runs
+    second = run_cli("annotate", "--pairs", str(pairs), "--log", str(log), "--annotator", "alice")
+    assert second.returncode == 2 and "alice is already labelling" in second.stderr, second.stderr
+    term.quit()
+    assert len(read_log(log).records) == 1
+
+    # a log written for other pairs: both files named, the log untouched
+    other, _ = make_pairs(tmp_path / "other.jsonl", 6, skip=100)
+    before = log.read_bytes()
+    result = run_cli("annotate", "--pairs", str(other), "--log", str(log), "--annotator", "alice")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert str(log) in result.stderr and str(pairs.resolve()) in result.stderr and str(other) in result.stderr
+    result = run_cli("annotate", "export", "--log", str(log), "--out", str(tmp_path / "x.jsonl"), f"pairs={other}")
+    assert result.returncode == 2 and "holds different pairs" in result.stderr
+    assert log.read_bytes() == before and not (tmp_path / "x.jsonl").exists()
+
+    # the same pairs in another order are still the same pairs: alice goes on with the ones she has not labelled
+    lines = pairs.read_text().splitlines()
+    reordered = tmp_path / "reordered.jsonl"
+    reordered.write_text("\n".join(lines[::-1]) + "\n")
+    term = Terminal(reordered, log, "alice")
+    assert "alice: pair 2 of 6 (line 1)" in term.screen()
+    term.quit()
+
+
+# --- screen, sources, several annotators, export formats --------------------------------------------------------
+
+
+def test_side_by_side_when_wide_stacked_when_narrow_guidelines_on_request(tmp_path):
+    pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 3)
+    log = tmp_path / "labels.jsonl"
+    wide = Terminal(pairs, log, "alice", "guidelines=Prefer the answer that is *correct*.", width=140)
+    screen = wide.screen()
+    assert re.search(r"│ A +│ B +│", screen), screen  # one table, two columns
+    wide.child.send("g")
+    wide.child.expect("Prefer the answer that is")
+    assert "alice: pair 1 of 3" in wide.press(" ")  # any key goes back, labelling nothing
+    wide.quit()
+    narrow = Terminal(pairs, log, "alice", width=70)
+    screen = narrow.screen()
+    assert "─ A ─" in screen and "─ B ─" in screen and not re.search(r"│ A +│ B +│", screen)
+    narrow.quit()
+    assert not read_log(log).records
+
+    help_text = run_cli("annotate", "--help").stdout
+    for text in ("--pairs PAIRS", "--log LOG", "--annotator ANNOTATOR", "1 = A better", "annotate export", "prompts"):
+        assert text in help_text, text
+
+
+def test_pairs_sampled_from_a_model_first_then_labelled(tmp_path, qwen2_model):  # noqa: F811 (fixture)
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [{"prompt": [{"role": "user", "content": q}]} for q in ("Where does Bramo live?", "Add 5 and 4.", "Hi")],
+    )
+    pairs, log = tmp_path / "sampled.jsonl", tmp_path / "labels.jsonl"
+    args = [sys.executable, "-m", "pipeline.cli", "annotate", "--pairs", str(pairs), "--log", str(log),
+            "--annotator", "alice", f"prompts={prompts}", f"model={qwen2_model}", "max_new_tokens=6"]  # fmt: skip
+    result = subprocess.run(args, cwd=REPO, input="1q", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "sampled 3 pairs" in result.stdout and "saved: pair 1" in result.stdout
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert [r["prompt"][0]["content"] for r in rows] == ["Where does Bramo live?", "Add 5 and 4.", "Hi"]
+    assert all(r["response_a"] != r["response_b"] and r["response_a"][0]["role"] == "assistant" for r in rows)
+
+    again = subprocess.run(args, cwd=REPO, input="q", capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "exists: labelling its pairs" in again.stdout  # not sampled again
+    assert "alice: pair 2 of 3" in again.stdout
+
+
+def test_three_annotators_fleiss_kappa_and_pairs_shown_to_n_annotators(tmp_path):
+    pairs, chosen_of = make_pairs(tmp_path / "pairs.jsonl", 8)
+    log = tmp_path / "labels.jsonl"
+    decisions = {
+        "ann": ["good"] * 6 + ["tie", "tie"],
+        "bo": ["good"] * 5 + ["bad", "tie", "both"],
+        "cy": ["good"] * 4 + ["bad", "bad", "tie", "both"],
+    }
+    for name in ("ann", "bo", "cy"):
+        if name == "cy":  # every pair already has two labels: cy is shown none of them
+            term = Terminal(pairs, log, name, "annotators_per_pair=2")
+            assert "all done: cy has labelled 0 of 8" in term.screen()
+            term.quit()
+        term = Terminal(pairs, log, name, "side_by_side_width=1000")
+        screen = term.screen()
+        for decision in decisions[name]:
+            screen = label(term, screen, decision, chosen_of)
+        term.quit()
+
+    stats = json.loads(run_cli("annotate", "stats", "--log", str(log), "json=true").stdout)
+    assert {tuple(row["annotators"]) for row in stats["cohen_kappa"]} == {("ann", "bo"), ("ann", "cy"), ("bo", "cy")}
+    assert stats["fleiss_kappa"]["pairs"] == 8 and stats["fleiss_kappa"]["raters_per_pair"] == 3
+    assert 0 < stats["fleiss_kappa"]["kappa"] < 1
+
+    majority = run_cli("annotate", "export", "--log", str(log), "--out", str(tmp_path / "m.jsonl"), "stats=false")
+    unanimous = run_cli("annotate", "export", "--log", str(log), "--out", str(tmp_path / "u.jsonl"), "rule=unanimous")
+    assert "exported 6 of 8" in majority.stdout and "1 ties, 1 both bad, 0 skipped, 0 undecided" in majority.stdout
+    assert "exported 4 of 8" in unanimous.stdout and "1 ties, 0 both bad, 0 skipped, 3 undecided" in unanimous.stdout
+    assert "Fleiss' kappa" in unanimous.stdout
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert rows[5]["rejected"][0]["content"] == chosen_of[rows[5]["prompt"][0]["content"]]  # 2 of 3 said "bad"
+
+
+def test_plain_string_pairs_export_as_standard_preference_rows(tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.data import load_preference_pairs
+
+    rows = [
+        {"prompt": f"Q{i}: which colour? ", "response_a": f"red {i}", "response_b": f"{i} {i} {i}"} for i in range(4)
+    ]
+    pairs, log = write_jsonl(tmp_path / "pairs.jsonl", rows), tmp_path / "labels.jsonl"
+    args = [sys.executable, "-m", "pipeline.cli", "annotate", "--pairs", str(pairs), "--log", str(log), "--annotator"]
+    subprocess.run([*args, "alice"], cwd=REPO, input="12ts", capture_output=True, text=True, timeout=60, check=True)
+    out = tmp_path / "preference.jsonl"
+    result = run_cli("annotate", "export", "--log", str(log), "--out", str(out))
+    assert result.returncode == 0 and "(standard, majority rule)" in result.stdout, result.stdout
+    assert "1 ties, 0 both bad, 1 skipped" in result.stdout
+    ds, conversational = load_preference_pairs(DataConfig(path=str(out)))
+    assert not conversational and len(ds) == 2 and set(ds.column_names) == {"prompt", "chosen", "rejected"}
