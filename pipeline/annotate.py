@@ -5,11 +5,14 @@
     llmpipe annotate export --log labels.jsonl --out preference.jsonl     (then: llmpipe reward data.path=...)
     llmpipe annotate stats --log labels.jsonl
 
+The pairs file has one JSON object per line: `prompt` (a string or a chat message list) and `response_a`,
+`response_b` (strings or assistant message lists). With `prompts` and `model`, two different responses per prompt
+are sampled first and written to the pairs file, so labelling never waits on the model.
+
 Keys: 1 = A better, 2 = B better, t = tie, b = both bad, s = skip, u = undo the last label, r = add a rationale,
 g = guidelines, q = quit. Enter and unknown keys label nothing. Which response is A (left) is drawn per pair and
 annotator and recorded. Every action is appended to the log and fsync'd before "saved: ..." is printed; running the
-same command again resumes where this annotator stopped. With `prompts` and `model`, two different responses per
-prompt are sampled first and written to the pairs file, so labelling never waits on the model.
+same command again resumes where this annotator stopped.
 """
 
 from __future__ import annotations

@@ -173,6 +173,8 @@ class AnnotationLog:
                 if not isinstance(record, dict) or "type" not in record:
                     raise ValueError("not a log record")
             except ValueError:
+                if self.header is None:
+                    self._not_a_log()
                 self.warn(f"{self.path}:{self._lines}: unreadable record (torn by a crash?): ignored")
                 continue
             self._apply(record)
@@ -188,7 +190,7 @@ class AnnotationLog:
         kind = record["type"]
         if self.header is None:
             if kind != "header":
-                raise UserError(f"{self.path}: not an llmpipe annotation log (its first line is no header)")
+                self._not_a_log()
             self.header = record
             return
         self.records.append(record)
@@ -203,6 +205,12 @@ class AnnotationLog:
                 del labels[pair]
         elif kind == "rationale":
             self.rationales.setdefault(annotator, {}).setdefault(pair, []).append(record.get("text", ""))
+
+    def _not_a_log(self) -> None:
+        raise UserError(
+            f"{self.path}: not an llmpipe annotation log (its first line is not a log header); "
+            "name a new file or a log that `llmpipe annotate` wrote"
+        )
 
     def last_label(self, annotator: str) -> dict | None:
         labels = self.labels.get(annotator, {})

@@ -65,9 +65,8 @@ def _parser(stage: str, validate: bool) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file (keys below); overrides on the command line win")
-    helps = {key: help_text for key, _, _, help_text in describe_fields(module.Config)}
     for key in getattr(module, "FLAGS", ()):
-        parser.add_argument(f"--{key}", metavar=key.upper(), help=f"same as {key}=...: {helps[key]}")
+        parser.add_argument(f"--{key}", metavar=key.upper(), help=f"same as {key}=... (config keys below)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-4")
     return parser
 

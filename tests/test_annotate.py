@@ -288,6 +288,12 @@ def test_bad_input_gets_a_clear_message_and_nothing_is_lost(tmp_path):
     assert result.returncode == 2 and "holds different pairs" in result.stderr
     assert log.read_bytes() == before and not (tmp_path / "x.jsonl").exists()
 
+    # a file that is no log (here: the pairs file) is refused, untouched
+    pairs_before = pairs.read_bytes()
+    result = run_cli("annotate", "--pairs", str(other), "--log", str(pairs), "--annotator", "alice")
+    assert result.returncode == 2 and "not an llmpipe annotation log" in result.stderr, result.stderr
+    assert pairs.read_bytes() == pairs_before
+
     # the same pairs in another order are still the same pairs: alice goes on with the ones she has not labelled
     lines = pairs.read_text().splitlines()
     reordered = tmp_path / "reordered.jsonl"
