@@ -57,6 +57,7 @@ class AnnotateConfig:
     top_p: float = field(0.95, "Nucleus sampling: keep the smallest set of tokens with this much probability.", gt=0)
     max_new_tokens: int = field(128, "Longest sampled response, in tokens.", ge=1)
     sample_tries: int = field(4, "Draws per prompt to get two different responses; a prompt that fails is dropped.")
+    sample_batch_size: int = field(16, "Prompts per generate call when sampling.", ge=1)
     trust_remote_code: bool = field(False, "Allow models that ship their own Python code. Off: safe.")
 
     def check(self) -> list[str]:
@@ -76,28 +77,38 @@ Config = AnnotateConfig
 # --- sampling two responses per prompt --------------------------------------------------------------------------
 
 
+def _read_prompts(path: str) -> list:
+    if not Path(path).is_file():
+        raise UserError(f"prompts: file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
+            if not (isinstance(row, dict) and row.get("prompt")):
+                raise UserError(f"{path}:{lineno}: expected an object with a non-empty 'prompt'")
+            prompts.append(row["prompt"])
+    if not prompts:
+        raise UserError(f"{path}: holds no prompts")
+    return prompts
+
+
 def sample_pairs(cfg: AnnotateConfig) -> None:
-    """Write cfg.pairs from cfg.prompts: two different sampled responses per prompt, via the chat template for
-    message-list prompts. Written atomically, so a half-sampled file is never labelled."""
+    """Write cfg.pairs from cfg.prompts: two different sampled responses per prompt (chat prompts through the chat
+    template), `sample_batch_size` prompts per generate call. Written atomically: a half-sampled file never exists."""
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     from pipeline.artifacts import atomic_write_text
     from pipeline.modeling import load_tokenizer, resolve_model_path
     from pipeline.stages.pretrain import generation_config
 
-    if not Path(cfg.prompts).is_file():
-        raise UserError(f"prompts: file not found: {cfg.prompts}")
-    prompts = []
-    with open(cfg.prompts, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                row = json.loads(line) if line.strip() else {"prompt": None, "blank": True}
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{cfg.prompts}:{lineno}: malformed JSON: {exc.msg}") from None
-            if not (isinstance(row, dict) and (row.get("prompt") or row.get("blank"))):
-                raise UserError(f"{cfg.prompts}:{lineno}: expected an object with a non-empty 'prompt'")
-            prompts += [] if row.get("blank") else [row["prompt"]]
+    prompts = _read_prompts(cfg.prompts)
     model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
     if any(isinstance(p, list) for p in prompts) and not tokenizer.chat_template:
@@ -107,33 +118,40 @@ def sample_pairs(cfg: AnnotateConfig) -> None:
                                                      use_safetensors=True).eval()  # fmt: skip
     except (OSError, ValueError) as exc:
         raise UserError(f"model: cannot load {model_path!r}: {' '.join(str(exc).split())[:300]}") from None
-    stops = generation_config(tokenizer).eos_token_id
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer.padding_side = "left"  # sampled tokens must follow each prompt directly
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stops = generation_config(tokenizer).eos_token_id  # EOS and end-of-turn tokens
+    # A chat template already holds BOS where the model wants one; a plain prompt gets the tokenizer's specials.
+    encoded = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)
+               if isinstance(p, list) else tokenizer(p) for p in prompts]  # fmt: skip
+    responses: list[list[str]] = [[] for _ in prompts]
     torch.manual_seed(cfg.seed)
-    rows, dropped = [], 0
-    for prompt in prompts:
-        chat = isinstance(prompt, list)
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if chat else prompt
-        batch = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
-        distinct: list[str] = []
-        for _ in range(cfg.sample_tries):
+    for _ in range(cfg.sample_tries):  # a prompt whose two samples came out equal (or empty) is drawn again
+        todo = [i for i, found in enumerate(responses) if len(found) < 2]
+        batches = [todo[start : start + cfg.sample_batch_size] for start in range(0, len(todo), cfg.sample_batch_size)]
+        for batch_ids in tqdm(batches, desc=f"sampling 2 responses for {len(todo)} prompts", disable=not todo):
+            batch = tokenizer.pad([{"input_ids": encoded[i]["input_ids"]} for i in batch_ids], return_tensors="pt")
             with torch.no_grad():
-                out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                     max_new_tokens=cfg.max_new_tokens, num_return_sequences=2, eos_token_id=stops,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)  # fmt: skip
-            for response in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True):
-                if response.strip() and response not in distinct:
-                    distinct.append(response)
-            if len(distinct) >= 2:
-                break
-        if len(distinct) < 2:
-            dropped += 1
-            continue
-        a, b = ([{"role": "assistant", "content": r}] if chat else r for r in distinct[:2])
-        rows.append({"prompt": prompt, "response_a": a, "response_b": b})
+                out = model.generate(**batch.to(model.device), do_sample=True, temperature=cfg.temperature,
+                                     top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_return_sequences=2,
+                                     eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            for k, text in enumerate(texts):  # rows come as prompt 0 twice, prompt 1 twice, ...
+                found = responses[batch_ids[k // 2]]
+                if text.strip() and text not in found and len(found) < 2:
+                    found.append(text)
+    rows = []
+    for prompt, found in zip(prompts, responses, strict=True):
+        if len(found) == 2:
+            a, b = ([{"role": "assistant", "content": r}] if isinstance(prompt, list) else r for r in found)
+            rows.append({"prompt": prompt, "response_a": a, "response_b": b})
     if not rows:
         raise UserError(f"{cfg.model}: no prompt of {cfg.prompts} gave two different non-empty responses")
     atomic_write_text(cfg.pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"sampled {len(rows)} pairs from {cfg.model} -> {cfg.pairs} ({dropped} prompts without two responses)")
+    print(f"sampled {len(rows)} pairs from {cfg.model} -> {cfg.pairs} "
+          f"({len(prompts) - len(rows)} prompts without two different responses, left out)")  # fmt: skip
 
 
 # --- keys -------------------------------------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def test_bad_input_gets_a_clear_message_and_nothing_is_lost(tmp_path):
 # --- screen, sources, several annotators, export formats --------------------------------------------------------
 
 
-def test_side_by_side_when_wide_stacked_when_narrow_guidelines_on_request(tmp_path):
+def test_side_by_side_when_wide_stacked_when_narrow_guidelines_rationale_ctrl_c(tmp_path):
     pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 3)
     log = tmp_path / "labels.jsonl"
     wide = Terminal(pairs, log, "alice", "guidelines=Prefer the answer that is *correct*.", width=140)
@@ -315,12 +315,19 @@ def test_side_by_side_when_wide_stacked_when_narrow_guidelines_on_request(tmp_pa
     wide.child.send("g")
     wide.child.expect("Prefer the answer that is")
     assert "alice: pair 1 of 3" in wide.press(" ")  # any key goes back, labelling nothing
-    wide.quit()
+    wide.child.send("r")
+    wide.child.expect("rationale")
+    wide.child.send("A is more specific\r")  # typed with the terminal's line editing, Enter ends it
+    wide.child.expect(r"saved: rationale for pair 1 \(record \w+\)")
+    wide.child.send("\x03")  # Ctrl-C: the terminal is given back, nothing half-written
+    wide.child.expect(pexpect.EOF)
+    wide.child.close()
+    assert wide.child.exitstatus == 130 and "interrupted" in wide.text()
     narrow = Terminal(pairs, log, "alice", width=70)
     screen = narrow.screen()
     assert "─ A ─" in screen and "─ B ─" in screen and not re.search(r"│ A +│ B +│", screen)
     narrow.quit()
-    assert not read_log(log).records
+    assert [(r["type"], r["text"]) for r in read_log(log).records] == [("rationale", "A is more specific")]
 
     help_text = run_cli("annotate", "--help").stdout
     for text in ("--pairs PAIRS", "--log LOG", "--annotator ANNOTATOR", "1 = A better", "annotate export", "prompts"):
@@ -330,17 +337,21 @@ def test_side_by_side_when_wide_stacked_when_narrow_guidelines_on_request(tmp_pa
 def test_pairs_sampled_from_a_model_first_then_labelled(tmp_path, qwen2_model):  # noqa: F811 (fixture)
     prompts = write_jsonl(
         tmp_path / "prompts.jsonl",
-        [{"prompt": [{"role": "user", "content": q}]} for q in ("Where does Bramo live?", "Add 5 and 4.", "Hi")],
-    )
+        [{"prompt": [{"role": "user", "content": "Where does Bramo live?"}]},
+         {"prompt": [{"role": "user", "content": "Add 5 and 4."}]}, {"prompt": "Tillford is"}],
+    )  # fmt: skip
     pairs, log = tmp_path / "sampled.jsonl", tmp_path / "labels.jsonl"
+    model_args = [f"prompts={prompts}", f"model={qwen2_model}", "max_new_tokens=6", "sample_batch_size=2"]
     args = [sys.executable, "-m", "pipeline.cli", "annotate", "--pairs", str(pairs), "--log", str(log),
-            "--annotator", "alice", f"prompts={prompts}", f"model={qwen2_model}", "max_new_tokens=6"]  # fmt: skip
+            "--annotator", "alice", *model_args]  # fmt: skip
     result = subprocess.run(args, cwd=REPO, input="1q", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "sampled 3 pairs" in result.stdout and "saved: pair 1" in result.stdout
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-    assert [r["prompt"][0]["content"] for r in rows] == ["Where does Bramo live?", "Add 5 and 4.", "Hi"]
-    assert all(r["response_a"] != r["response_b"] and r["response_a"][0]["role"] == "assistant" for r in rows)
+    assert [r["prompt"][0]["content"] for r in rows[:2]] == ["Where does Bramo live?", "Add 5 and 4."]
+    assert all(r["response_a"] != r["response_b"] for r in rows)
+    assert rows[0]["response_a"][0]["role"] == "assistant" and rows[2]["prompt"] == "Tillford is"
+    assert isinstance(rows[2]["response_a"], str)  # a plain prompt gets plain responses
 
     again = subprocess.run(args, cwd=REPO, input="q", capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "exists: labelling its pairs" in again.stdout  # not sampled again
