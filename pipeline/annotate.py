@@ -29,7 +29,15 @@ import tty
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.annotation_log import DECISIVE, AnnotationLog, Pair, load_pairs, new_record
+from pipeline.annotation_log import (
+    DECISIVE,
+    AnnotationLog,
+    Pair,
+    jsonl_objects,
+    load_pairs,
+    new_record,
+    raise_problems,
+)
 from pipeline.config import UserError, config, field
 
 FLAGS = ("pairs", "log", "annotator")  # config keys that the command line also takes as --pairs FILE etc.
@@ -80,20 +88,13 @@ Config = AnnotateConfig
 def _read_prompts(path: str) -> list:
     if not Path(path).is_file():
         raise UserError(f"prompts: file not found: {path}")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from None
-            if not (isinstance(row, dict) and row.get("prompt")):
-                raise UserError(f"{path}:{lineno}: expected an object with a non-empty 'prompt'")
+    prompts, problems = [], []
+    for lineno, row in jsonl_objects(path, problems):
+        if row.get("prompt"):
             prompts.append(row["prompt"])
-    if not prompts:
-        raise UserError(f"{path}: holds no prompts")
+        else:
+            problems.append(f"{path}:{lineno}: no 'prompt' (a string or a message list); it has {sorted(row)}")
+    raise_problems(problems or ([] if prompts else [f"{path}: holds no prompts"]))
     return prompts
 
 

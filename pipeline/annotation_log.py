@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +75,8 @@ def _message_problem(value: Any, key: str, roles: tuple[str, ...]) -> str | None
     return None
 
 
-def load_pairs(path: str | Path) -> list[Pair]:
-    """Read and check a pairs file; every bad line is reported at once (file:line: problem)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: pairs file not found")
-    problems: list[str] = []
-    pairs: list[Pair] = []
-    seen: dict[str, int] = {}
+def jsonl_objects(path: str | Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSONL file; a line that is no JSON object goes to `problems`."""
     with open(path, encoding="utf-8") as f:
         for lineno, text in enumerate(f, 1):
             if not text.strip():
@@ -94,32 +89,46 @@ def load_pairs(path: str | Path) -> list[Pair]:
             if not isinstance(row, dict):
                 problems.append(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 continue
-            missing = [k for k in ("prompt", "response_a", "response_b") if row.get(k) in (None, "", [])]
-            if missing:
-                problems.append(
-                    f"{path}:{lineno}: {', '.join(repr(k) for k in missing)} missing or empty "
-                    f"(every line needs prompt, response_a, response_b; it has {sorted(row)})"
-                )
-                continue
-            checks = [_message_problem(row["prompt"], "prompt", _ROLES)]
-            checks += [_message_problem(row[k], k, ("assistant",)) for k in ("response_a", "response_b")]
-            if row["response_a"] == row["response_b"]:
-                checks.append("response_a and response_b are identical: there is nothing to choose")
-            if any(checks):
-                problems += [f"{path}:{lineno}: {c}" for c in checks if c]
-                continue
-            pair = Pair(pair_id(row["prompt"], row["response_a"], row["response_b"]), lineno, row["prompt"],
-                        row["response_a"], row["response_b"])  # fmt: skip
-            if pair.id in seen:
-                problems.append(f"{path}:{lineno}: the same pair as line {seen[pair.id]}")
-                continue
-            seen[pair.id] = lineno
-            pairs.append(pair)
-    if not pairs and not problems:
-        problems.append(f"{path}: holds no pairs")
+            yield lineno, row
+
+
+def raise_problems(problems: list[str], most: int = 20) -> None:
     if problems:
-        shown = problems[:20] + ([f"... and {len(problems) - 20} more problems"] if len(problems) > 20 else [])
-        raise UserError(shown)
+        more = [f"... and {len(problems) - most} more problems"] if len(problems) > most else []
+        raise UserError(problems[:most] + more)
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Read and check a pairs file; every bad line is reported at once (file:line: problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: pairs file not found")
+    problems: list[str] = []
+    pairs: list[Pair] = []
+    seen: dict[str, int] = {}
+    for lineno, row in jsonl_objects(path, problems):
+        missing = [k for k in ("prompt", "response_a", "response_b") if row.get(k) in (None, "", [])]
+        if missing:
+            problems.append(
+                f"{path}:{lineno}: {', '.join(repr(k) for k in missing)} missing or empty "
+                f"(every line needs prompt, response_a, response_b; it has {sorted(row)})"
+            )
+            continue
+        checks = [_message_problem(row["prompt"], "prompt", _ROLES)]
+        checks += [_message_problem(row[k], k, ("assistant",)) for k in ("response_a", "response_b")]
+        if row["response_a"] == row["response_b"]:
+            checks.append("response_a and response_b are identical: there is nothing to choose")
+        if any(checks):
+            problems += [f"{path}:{lineno}: {c}" for c in checks if c]
+            continue
+        pair = Pair(pair_id(row["prompt"], row["response_a"], row["response_b"]), lineno, row["prompt"],
+                    row["response_a"], row["response_b"])  # fmt: skip
+        if pair.id in seen:
+            problems.append(f"{path}:{lineno}: the same pair as line {seen[pair.id]}")
+            continue
+        seen[pair.id] = lineno
+        pairs.append(pair)
+    raise_problems(problems or ([] if pairs else [f"{path}: holds no pairs"]))
     return pairs
 
 
