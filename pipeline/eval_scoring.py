@@ -14,6 +14,7 @@ is caught by a check on the first batch and scored one row per choice instead.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -38,6 +39,7 @@ class Scorer:
         self.prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.add_bos = tokenizer_adds_bos(tokenizer) if add_bos is None else add_bos
         self._checked = False
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # --- tokens -------------------------------------------------------------------------------------------------
 
@@ -160,9 +162,14 @@ class Scorer:
             kwargs = {"attention_mask": mask.unsqueeze(1).to(self.device), "position_ids": positions.to(self.device)}
         else:
             kwargs = {"attention_mask": (segment >= 0).long().to(self.device)}
-        logits = self.model(input_ids=input_ids.to(self.device), **kwargs).logits
         flat = [rs for spans in predict_at for rs in spans]
-        index = torch.tensor(flat, device=logits.device)
+        # Only the last positions predict anything: the output layer skips the rest (~15% of the compute here).
+        first = min(position for _, position in flat)
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = length - first
+        logits = self.model(input_ids=input_ids.to(self.device), **kwargs).logits
+        offset = length - logits.shape[1]
+        index = torch.tensor([(r, position - offset) for r, position in flat], device=logits.device)
         picked = torch.log_softmax(logits[index[:, 0], index[:, 1]].float(), dim=-1)
         wanted = torch.tensor([t for cont in targets for t in cont], device=logits.device)
         token_lp = picked.gather(1, wanted.unsqueeze(1)).squeeze(1).tolist()
