@@ -141,7 +141,7 @@ def test_two_annotators_undo_restart_export_train_reward(tmp_path, qwen2_model):
     kappa = re.search(r"Cohen's kappa alice vs bob: (-?[\d.]+) on 19 shared pairs", stats.stdout)
     bias = re.search(r"position bias: left side picked in (\d+)% of (\d+) A/B decisions", stats.stdout)
     assert kappa and bias, stats.stdout
-    print(f"\nkappa {kappa.group(1)}, left picks {bias.group(1)}% of {bias.group(2)}")
+    print("\n" + stats.stdout)
 
     # the export trains a reward model as it is
     reward = run_cli(
@@ -151,7 +151,7 @@ def test_two_annotators_undo_restart_export_train_reward(tmp_path, qwen2_model):
     )  # fmt: skip
     assert reward.returncode == 0, reward.stderr[-3000:]
     manifest = json.loads((tmp_path / "reward/manifest.json").read_text())
-    print("reward metrics:", {k: manifest["metrics"][k] for k in ("train_loss", "train_pairs", "heldout_pairs")})
+    print("reward:", {k: manifest["metrics"][k] for k in ("train_loss", "steps", "train_pairs", "heldout_pairs")})
 
 
 # --- crashes --------------------------------------------------------------------------------------------------
