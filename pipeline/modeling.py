@@ -103,6 +103,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise UserError(f"tokenizer: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
 
 
+def load_pretrained(auto_class, path: str, trust_remote_code: bool = False, key: str = "init_from", **kwargs):
+    """`auto_class.from_pretrained(path)` the safe way (safetensors only, fp32 unless `dtype` is given); a folder or
+    name that does not load is a UserError naming the config key, not a traceback."""
+    import torch
+
+    kwargs.setdefault("dtype", torch.float32)
+    try:
+        return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+
+
 def model_context_length(cfg: ModelConfig) -> int:
     """The longest sequence the init_from model takes, read from its config alone (no weights loaded)."""
     from transformers import AutoConfig
@@ -130,13 +142,10 @@ def build_model(cfg: ModelConfig, tokenizer, dtype=None):
 
     if cfg.init_from:
         path = resolve_model_path(cfg.init_from)
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or torch.float32, trust_remote_code=cfg.trust_remote_code,
-                use_safetensors=True, attn_implementation=cfg.attn_implementation,
-            )  # fmt: skip
-        except (OSError, ValueError) as exc:
-            raise UserError(f"model.init_from: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+        model = load_pretrained(
+            transformers.AutoModelForCausalLM, path, cfg.trust_remote_code, "model.init_from",
+            dtype=dtype or torch.float32, attn_implementation=cfg.attn_implementation,
+        )  # fmt: skip
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         return model

@@ -118,3 +118,30 @@ def load_preference_splits(cfg, tokenizer) -> tuple:
             "use a tokenizer stage folder (tokenizer=...) or a chat model"
         )
     return train_ds, eval_ds
+
+
+def launch_facts(trainer) -> dict:
+    """How the run was laid out, for the manifest: processes, Accelerate's distributed type, precision, and a
+    checksum of each rank's parameters (equal on every rank when data-parallel training kept them in sync; under
+    ZeRO-3 each rank holds a shard). Every process must call it."""
+    from accelerate.utils import gather_object
+
+    state = trainer.accelerator.state
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    return {
+        "world_size": state.num_processes,
+        "distributed_type": str(state.distributed_type).rsplit(".", 1)[-1],
+        "mixed_precision": str(state.mixed_precision),
+        "param_checksum_by_rank": gather_object([checksum]),
+    }
+
+
+def evaluation_at_start(trainer) -> dict:
+    """Held-out metrics of the untrained model: the `eval_on_start` evaluation, first in the log history (a resumed
+    run reads it back from the checkpoint's trainer_state.json).
+
+    Calling `trainer.evaluate()` before `trainer.train()` instead looks harmless but is not: Accelerate marks the
+    model as prepared in evaluation mode, `train()` then skips the DDP wrapper, and with several processes every
+    rank trains its own copy, silently (accelerate 1.15, transformers 5.24; tests/test_trl_distributed.py)."""
+    return next((entry for entry in trainer.state.log_history if "eval_loss" in entry), {})

@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
-from pipeline.config import DataConfig, UserError, config, field
+from pipeline.config import DataConfig, config, field
 from pipeline.data import describe_data
-from pipeline.modeling import load_tokenizer, resolve_model_path
+from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.stages.pretrain import generation_config
 from pipeline.tracking import log
 from pipeline.trl_common import (
     LoraSection,
     TrlTrainConfig,
+    evaluation_at_start,
+    launch_facts,
     load_preference_splits,
     peft_config,
     save_trained_model,
@@ -91,26 +93,22 @@ def run(cfg: DPOStageConfig) -> dict | None:
 
     # --- policy (+ frozen reference made by trl, or adapters-off with LoRA)
     torch.manual_seed(cfg.train.seed)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"init_from: cannot load {model_path!r}: {' '.join(str(exc).split())[:300]}") from None
+    model = load_pretrained(AutoModelForCausalLM, model_path, cfg.trust_remote_code)
     args = DPOConfig(
         **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length, beta=cfg.beta,
         loss_type=list(cfg.loss_type), loss_weights=cfg.loss_weights, eval_strategy="no",
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        eval_on_start=True,  # the "before" numbers; see trl_common.evaluation_at_start
     )  # fmt: skip
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out, beta {cfg.beta}, loss {cfg.loss_type}", STAGE)
-    before = trainer.evaluate()
     result = trainer.train(resume_from_checkpoint=resume_from)
+    before = evaluation_at_start(trainer)
     after = trainer.evaluate()
 
     # --- save: merged weights (or adapters), tokenizer, generation config; the manifest last
-    metrics = {}
+    metrics, facts = {}, launch_facts(trainer)
     if trainer.is_world_process_zero():
         with atomic_dir(out / "model") as tmp:
             save_trained_model(trainer, tokenizer, tmp, cfg.lora.merge, generation_config(tokenizer))
@@ -123,6 +121,7 @@ def run(cfg: DPOStageConfig) -> dict | None:
             "heldout_reward_rejected": after.get("eval_rewards/rejected"),
             "heldout_logp_margin_before": _logp_margin(before), "heldout_logp_margin": _logp_margin(after),
             "heldout_loss_before": before.get("eval_loss"), "heldout_loss": after.get("eval_loss"),
+            **facts,
         }  # fmt: skip
         inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
         if cfg.eval_data is not None:

@@ -15,11 +15,17 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
-from pipeline.config import DataConfig, UserError, config, field
+from pipeline.config import DataConfig, config, field
 from pipeline.data import describe_data
-from pipeline.modeling import load_tokenizer, resolve_model_path
+from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.tracking import log
-from pipeline.trl_common import TrlTrainConfig, load_preference_splits, trainer_resume_point, training_kwargs
+from pipeline.trl_common import (
+    TrlTrainConfig,
+    launch_facts,
+    load_preference_splits,
+    trainer_resume_point,
+    training_kwargs,
+)
 
 STAGE = "reward"
 
@@ -122,13 +128,7 @@ def run(cfg: RewardConfig) -> dict | None:
 
     # --- model: the causal LM's body with a fresh one-output score head
     torch.manual_seed(cfg.train.seed)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=1, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
-            dtype=torch.float32,
-        )  # fmt: skip
-    except (OSError, ValueError) as exc:
-        raise UserError(f"init_from: cannot load {model_path!r}: {' '.join(str(exc).split())[:300]}") from None
+    model = load_pretrained(AutoModelForSequenceClassification, model_path, cfg.trust_remote_code, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     args = TrlRewardConfig(
@@ -144,7 +144,7 @@ def run(cfg: RewardConfig) -> dict | None:
     trainer.model.train(False)
 
     # --- save and measure on the held-out pairs
-    metrics = {}
+    metrics, facts = {}, launch_facts(trainer)
     if trainer.is_world_process_zero():
         after = pair_metrics(trainer.model, tokenizer, eval_ds)
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -157,6 +157,7 @@ def run(cfg: RewardConfig) -> dict | None:
             "heldout_pairs": after["pairs"], "heldout_pair_accuracy_before": before["pair_accuracy"],
             "heldout_mean_margin_before": before["mean_margin"], "train_pairs": len(train_ds),
             "resumed_from": resume_from,
+            **facts,
         }  # fmt: skip
         inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
         if cfg.eval_data is not None:

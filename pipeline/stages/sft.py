@@ -21,12 +21,14 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import CHAT_ROLES, describe_data, load_examples, local_files
-from pipeline.modeling import load_tokenizer, resolve_model_path
+from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.stages.pretrain import generation_config
 from pipeline.tracking import MetricsLog, is_main_process, log
 from pipeline.trl_common import (
     LoraSection,
     TrlTrainConfig,
+    evaluation_at_start,
+    launch_facts,
     peft_config,
     save_trained_model,
     trainer_resume_point,
@@ -193,6 +195,7 @@ def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt:
         assistant_only_loss=cfg.assistant_only_loss and conversational,
         completion_only_loss=cfg.assistant_only_loss if fmt == "prompt-completion" else None,
         eval_strategy="steps" if with_eval else "no", eval_steps=cfg.train.eval_steps,
+        eval_on_start=eval_ds is not None,  # the "before" numbers; see trl_common.evaluation_at_start
     )  # fmt: skip
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
@@ -286,12 +289,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.train.seed)  # LoRA adapters are initialised from this
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, trust_remote_code=cfg.trust_remote_code, use_safetensors=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"init_from: cannot load {model_path!r}: {' '.join(str(exc).split())[:300]}") from None
+    model = load_pretrained(AutoModelForCausalLM, model_path, cfg.trust_remote_code)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):  # e.g. a tokenizer with added tokens
         # Exactly len(tokenizer), no rounding up: peft resizes the base model to that size when it loads an
         # unmerged adapter folder (which then carries the embeddings), and the two must agree.
@@ -309,8 +307,8 @@ def run(cfg: SFTStageConfig) -> dict | None:
     if "labels" in sample:  # what the loss mask keeps of one row: a wrong template shows here, not after training
         log(f"row 0 trains on {trained_text(tokenizer, sample['input_ids'], sample['labels'])}", STAGE)
 
-    # --- before: held-out loss, exact match of the starting model (main process only: others wait in train())
-    loss_before = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    # --- before: exact match of the starting model (main process only: others wait in train()); the held-out
+    # loss before is the trainer's eval_on_start
     match_before = None
     if questions and is_main_process():
         match_before, _ = exact_match(trainer.model, tokenizer, questions, cfg.max_new_tokens)
@@ -320,10 +318,11 @@ def run(cfg: SFTStageConfig) -> dict | None:
     # the training logs only, so a resumed run's file holds each step once
     trainer.add_callback(_metrics_callback(MetricsLog(out / "metrics.jsonl", resume_step=_step_of(resume_from))))
     result = trainer.train(resume_from_checkpoint=resume_from)
+    loss_before = evaluation_at_start(trainer).get("eval_loss")
     loss_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 
     # --- after: exact match, save the model, the manifest last
-    metrics = {}
+    metrics, facts = {}, launch_facts(trainer)
     if trainer.is_world_process_zero():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         match_after, examples = (None, [])
@@ -339,6 +338,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
             "eval_samples": len(eval_ds) if eval_ds is not None else 0, "data_format": fmt,
             "steps": result.global_step, "trainable_params": trainable, "total_params": total,
             "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge, "resumed_from": resume_from,
+            **facts,
         }  # fmt: skip
         inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
         for key in ("eval_data", "generation_eval"):
