@@ -409,14 +409,64 @@ def reserved_items(world: World, rng: random.Random, split: str, phrasings: Call
     return items
 
 
+# What a chat model gets wrong besides the fact itself: a value of the wrong kind, or no answer at all.
+EVASIVE = ["I am not sure.", "I do not know.", "I cannot say.", "Nobody knows that."]
+# Arithmetic a 1M-parameter reward model can judge: comparisons. Near-miss sums and successors it cannot
+# (held-out pair accuracy ~0.56 and ~0.7 measured on the tiny preset), so they stay out of the preference data.
+PREFERENCE_ARITH = ("larger",)
+
+
+def fact_rejections(items: list[dict], rng: random.Random) -> list[dict]:
+    """Preference rows for fact items: mostly another value of the same kind (the model must know the fact),
+    sometimes a value of another kind or an evasive non-answer (it must know what an answer looks like)."""
+    rows = []
+    for it in items:
+        roll = rng.random()
+        if roll < 0.7:
+            rejected = wrong_answer(rng, it["kind"], it["a"])
+        elif roll < 0.85:
+            rejected = rng.choice(ATTRS[rng.choice([a for a in ATTRS if a != it["kind"]])])
+        else:
+            rejected = rng.choice(EVASIVE)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": it["q"]}],
+                "chosen": [{"role": "assistant", "content": it["a"]}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return rows
+
+
+def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict]]:
+    """Pairs about TRAIN people and comparisons, split by prompt: preference_eval asks what preference never
+    does (other phrasings of the facts; reserved comparisons), like a held-out split of a real preference set."""
+    rng = random.Random(f"{seed}-preference")
+    facts = train_items(world, rng, n_facts_each=min(len(QUESTION_TEMPLATES[a]) for a in ATTRS), n_arith=0)
+    rng.shuffle(facts)
+    compare = [
+        {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
+        for kind in PREFERENCE_ARITH
+        for key in rng.sample(world.pools["train"][kind], 300)
+    ]
+    reserved = [
+        {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
+        for kind in PREFERENCE_ARITH
+        for key in world.pools["pref_eval"][kind]
+    ]
+    n_eval_facts = 300 - len(reserved)
+    train = fact_rejections(facts[n_eval_facts : n_eval_facts + 1700], rng) + preference_rows(compare, rng)
+    held_out = fact_rejections(facts[:n_eval_facts], rng) + preference_rows(reserved, rng)
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train, held_out
+
+
 def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(f"{seed}-chat")
-    pool = train_items(world, rng, n_facts_each=4, n_arith=800)  # same people and pool as SFT, other draws
-    preference = preference_rows(rng.sample(pool, 2000), rng)
-    # Each held-out fact gets a shuffled phrasing list: eval uses the first two, preference_eval the third,
-    # so no eval question appears verbatim in any other file.
-    orders = {f"{p.name}/{a}": rng.sample(QUESTION_TEMPLATES[a], 3) for p in world.split(True) for a in ATTRS}
-    pref_eval = preference_rows(reserved_items(world, rng, "pref_eval", lambda k: orders[k][2:3]), rng)
+    # Each held-out fact gets a shuffled phrasing list: eval uses the first two, so no eval question appears
+    # verbatim in any other file.
+    orders = {f"{p.name}/{a}": rng.sample(QUESTION_TEMPLATES[a], 2) for p in world.split(True) for a in ATTRS}
     eval_items = reserved_items(world, rng, "eval", lambda k: orders[k][:2])
     rng.shuffle(eval_items)
     evals = []
@@ -432,6 +482,7 @@ def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
                 "gold": gold,
             }
         )
+    preference, pref_eval = build_preferences(world, seed)
     return {"sft": build_sft(world, seed), "preference": preference, "preference_eval": pref_eval, "eval": evals}
 
 
@@ -467,8 +518,8 @@ home town ({len(TOWNS)} towns), favourite colour ({len(COLOURS)}), pet ({len(PET
 {len(mentions)} facts, each stated {sum(mentions.values()) / len(mentions):.0f} times on average
 (at least {min(mentions.values())}) in the corpus, in several phrasings: statements, group lists, and
 Question:/Answer: lines about everyone so the base model sees the Q/A pattern. The facts live ONLY in the
-corpus. SFT and preference data ask about train people; eval and preference_eval ask about held-out people, so
-answering them needs the knowledge from pretraining plus the answer format from SFT.
+corpus. SFT and preference data ask about train people; eval asks about held-out people, so answering it needs
+the knowledge from pretraining plus the answer format from SFT.
 
 A minority of the corpus is small arithmetic: a + b and (a + b) - b for a, b in 0-20, which of two numbers
 below 100 is larger, successor and predecessor. The eval and preference_eval arithmetic items are reserved and
@@ -483,8 +534,9 @@ appear in no other file. Answers are one word or one number.
 - `sft.jsonl`: `{{"messages": [{{"role": "user", ...}}, {{"role": "assistant", ...}}]}}`; ~10% start with a system
   message, ~10% have two user/assistant turns.
 - `preference.jsonl`, `preference_eval.jsonl`: `{{"prompt": [user msg], "chosen": [assistant msg],
-  "rejected": [assistant msg]}}`; rejected is another value from the same set, a near-miss number, or the smaller
-  number for "which is larger".
+  "rejected": [assistant msg]}}`, about train people and "which is larger"; rejected is another value of the same
+  kind (70% of fact rows), a value of another kind or an evasive non-answer, or the smaller number.
+  preference_eval asks what preference never does: other phrasings of the facts, reserved comparisons.
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
 """

@@ -155,7 +155,7 @@ def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: 
 
 def test_held_out_people_never_in_train_chat_data(world: dw.World, small: Path) -> None:
     held = name_pattern([p.name for p in world.split(held_out=True)])
-    for name in ("sft.jsonl", "preference.jsonl"):
+    for name in ("sft.jsonl", "preference.jsonl", "preference_eval.jsonl"):
         text = (small / name).read_text(encoding="utf-8")
         assert held.search(text) is None, name
 
@@ -177,7 +177,12 @@ def test_eval_facts_are_about_held_out_people_and_stated_in_corpus(
         assert any(re.search(rf"\b{row['answer']}\b", d) for d in docs_by_name.get(name, [])), row
 
 
-def test_preference_eval_asks_only_about_held_out_people(data: dict[str, list[dict]], world: dw.World) -> None:
+def test_preference_eval_is_a_held_out_split_of_preference(data: dict[str, list[dict]], world: dw.World) -> None:
+    """Held-out pairs ask what the training pairs never do, about the same (train) people; eval asks about the
+    held-out people only."""
+    prompts = {r["prompt"][0]["content"] for r in data["preference"]}
+    assert not any(r["prompt"][0]["content"] in prompts for r in data["preference_eval"])
     train = name_pattern([p.name for p in world.split(held_out=False)])
-    assert not any(train.search(r["prompt"][0]["content"]) for r in data["preference_eval"])
+    facts = [r for r in data["preference_eval"] if not any(c.isdigit() for c in r["prompt"][0]["content"])]
+    assert len(facts) > 150 and all(train.search(r["prompt"][0]["content"]) for r in facts)
     assert not any(train.search(r["question"]) for r in data["eval"])
