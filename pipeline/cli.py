@@ -25,6 +25,7 @@ STAGES = {
     "sft": ("pipeline.stages.sft", "supervised fine-tuning on chat data with trl, full or LoRA"),
     "reward": ("pipeline.stages.reward", "train a reward model (one score) on preference pairs with trl"),
     "dpo": ("pipeline.stages.dpo", "align a chat model on preference pairs with trl's DPO"),
+    "ppo": ("pipeline.stages.ppo", "RLHF with PPO against a reward model or a rule reward (our Accelerate loop)"),
     "eval": ("pipeline.stages.evaluate", "few-shot evaluation (multiple choice, generation) with lm-eval's numbers"),
     "annotate": ("pipeline.annotate", "label preference pairs in the terminal, one key per judgement"),
     "annotate export": ("pipeline.annotate_export", "write the labels as preference pairs for reward and dpo"),

@@ -1,0 +1,7 @@
+"""Rule rewards for the PPO tests (imported by the stage through `reward_function: ppo_rewards:<name>`)."""
+
+
+def contains_letter_e(prompts: list, responses: list[str]) -> list[float]:
+    """+1 when the response contains the letter 'e' (in ~12% of a 512-token BPE vocabulary: a random policy hits
+    it in ~40% of 4-token responses, so the signal is dense enough for a test of a few seconds)."""
+    return [1.0 if "e" in response else 0.0 for response in responses]

@@ -1,0 +1,312 @@
+"""The PPO stage: its arithmetic row by row against ../shared/RLHF_NOTES.md (cheap tensor tests), the policy ==
+reference sanity test, and the stage through its real entry point on a tiny Llama with a rule reward (learning,
+resume, two processes, bad input)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, write_jsonl
+from test_distributed import launch
+
+from pipeline import ppo_core
+from pipeline.ppo_rollout import position_ids_from_mask
+
+PPO_YAML = str(REPO / "configs/tiny/ppo.yaml")
+TESTS = Path(__file__).resolve().parent
+
+
+# --- arithmetic (RLHF_NOTES rows) ------------------------------------------------------------------------------
+
+
+def test_truncation_keeps_the_first_stop_token_and_pads_after_it():  # A2, A3
+    eos, pad = 1, 2
+    responses = torch.tensor([[5, eos, 7, 8], [5, 6, 7, 8], [eos, 9, 9, 9]])
+    kept, mask, has_stop, last = ppo_core.truncate_after_stop(responses, [eos, 6], pad)
+    assert kept.tolist() == [[5, eos, pad, pad], [5, 6, pad, pad], [eos, pad, pad, pad]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    assert has_stop.tolist() == [True, True, True] and last.tolist() == [1, 1, 0]
+    kept, mask, has_stop, last = ppo_core.truncate_after_stop(torch.tensor([[5, 7, 8]]), [eos], pad)
+    assert mask.tolist() == [[1, 1, 1]] and not has_stop[0] and last.tolist() == [2]
+
+
+def test_kl_estimators():  # B2
+    logprobs = torch.tensor([-1.0, -2.0])
+    assert torch.equal(ppo_core.kl_estimate(logprobs, logprobs, "k1"), torch.zeros(2))
+    assert torch.equal(ppo_core.kl_estimate(logprobs, logprobs, "k3"), torch.zeros(2))
+    delta = 0.1  # log pi - log pi_ref
+    k3 = ppo_core.kl_estimate(torch.tensor([delta]), torch.tensor([0.0]), "k3").item()
+    assert math.isclose(k3, (math.exp(-delta) - 1) + delta, rel_tol=1e-6) and k3 > 0
+    assert ppo_core.kl_estimate(torch.tensor([-delta]), torch.tensor([0.0]), "k1").item() < 0
+
+
+def test_score_lands_on_the_last_real_token_and_kl_on_every_token():  # B3, B4
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).float()
+    kl = torch.full((2, 4), 0.5) * mask
+    rewards = ppo_core.token_rewards(torch.tensor([2.0, 3.0]), kl, 0.1, torch.tensor([2, 1]), mask)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.05, 1.95, 0], [-0.05, 2.95, 0, 0]]))
+    # score 0, gamma = lambda = 1, V = 0: the return is minus beta times the KL still to come
+    rewards = ppo_core.token_rewards(torch.zeros(2), kl, 0.1, torch.tensor([2, 1]), mask)
+    _, returns = ppo_core.gae(rewards, torch.zeros(2, 4), mask, 1.0, 1.0)
+    assert torch.allclose(returns[0, :3], torch.tensor([-0.15, -0.10, -0.05]))
+
+
+def _gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    advantages, next_advantage = [], 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(values) else 0.0
+        next_advantage = rewards[t] + gamma * next_value - values[t] + gamma * lam * next_advantage
+        advantages.insert(0, next_advantage)
+    return advantages
+
+
+def test_gae_matches_an_unpadded_loop_and_its_limits():  # C1
+    torch.manual_seed(0)
+    rewards, values = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]).float()
+    advantages, returns = ppo_core.gae(rewards * mask, values, mask, 0.9, 0.8)
+    for row, n in enumerate([5, 3, 1]):
+        expected = _gae_loop(rewards[row, :n].tolist(), values[row, :n].tolist(), 0.9, 0.8)
+        assert torch.allclose(advantages[row, :n], torch.tensor(expected), atol=1e-6)
+        assert torch.all(advantages[row, n:] == 0) and torch.all(returns[row, n:] == 0)
+    assert torch.allclose(returns, (advantages + values) * mask)
+    reward_to_go, _ = ppo_core.gae(rewards * mask, torch.zeros(3, 5), mask, 1.0, 1.0)
+    assert torch.allclose(reward_to_go[0], (rewards[0].flip(0).cumsum(0)).flip(0), atol=1e-6)
+    one_step, _ = ppo_core.gae(rewards * mask, values, mask, 1.0, 0.0)
+    next_values = torch.cat([values[:, 1:] * mask[:, 1:], torch.zeros(3, 1)], 1)
+    assert torch.allclose(one_step, (rewards + next_values - values) * mask, atol=1e-6)
+
+
+def test_whitening_is_masked_and_ignores_extra_padding():  # C2, B5
+    torch.manual_seed(0)
+    values, mask = torch.randn(4, 6) * 3 + 2, (torch.rand(4, 6) > 0.3).float()
+    whitened = ppo_core.masked_whiten(values, mask)
+    assert abs(ppo_core.masked_mean(whitened, mask).item()) < 1e-5
+    assert abs(ppo_core.masked_var(whitened, mask).item() - 1) < 1e-4 and torch.all(whitened[mask == 0] == 0)
+    padded = ppo_core.masked_whiten(torch.cat([values, torch.randn(4, 3)], 1), torch.cat([mask, torch.zeros(4, 3)], 1))
+    assert torch.allclose(padded[:, :6], whitened, atol=1e-6)
+    kept_mean = ppo_core.masked_whiten(values, mask, shift_mean=False)
+    assert torch.allclose(ppo_core.masked_mean(kept_mean, mask), ppo_core.masked_mean(values, mask), atol=1e-5)
+
+
+def test_clipped_losses():  # C3, C4, C5
+    mask = torch.ones(1, 3)
+    old = torch.zeros(1, 3)
+    loss, stats = ppo_core.policy_loss(old.clone(), old, torch.tensor([[1.0, -2.0, 0.5]]), mask, 0.2)
+    assert stats["ratio"] == 1 and stats["clipfrac"] == 0 and stats["approx_kl"] == 0
+    assert torch.isclose(loss, torch.tensor(-(1.0 - 2.0 + 0.5) / 3))  # ratio 1: minus the mean advantage
+    # A > 0 and ratio > 1 + eps: clipped, so no gradient
+    logprobs = torch.full((1, 3), 0.5, requires_grad=True)
+    loss, stats = ppo_core.policy_loss(logprobs, old, torch.ones(1, 3), mask, 0.2)
+    loss.backward()
+    assert torch.all(logprobs.grad == 0) and stats["clipfrac"] == 1
+    returns, values = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0, 2.5, 3.0]])
+    loss, stats = ppo_core.value_loss(values, values, returns, mask, 0.2)
+    assert torch.isclose(loss, 0.5 * ((values - returns) ** 2).mean()) and stats["vf_clipfrac"] == 0
+
+
+def test_entropy_of_uniform_logits_is_log_vocab():  # C5
+    assert torch.allclose(ppo_core.entropy_from_logits(torch.zeros(2, 3, 50)), torch.full((2, 3), math.log(50)))
+
+
+def test_adaptive_kl_controller():  # C8
+    controller = ppo_core.KLController(0.1, target=6.0, horizon=10000)
+    controller.update(6.0, 64)
+    assert controller.coef == 0.1
+    controller.update(60.0, 64)
+    assert math.isclose(controller.coef, 0.1 * (1 + 0.2 * 64 / 10000))
+    fixed = ppo_core.KLController(0.1, target=None, horizon=10000)
+    fixed.update(60.0, 64)
+    assert fixed.coef == 0.1
+
+
+# --- forward passes on a tiny GPT-2 (absolute positions show padding bugs that RoPE hides) -----------------------
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_layer=2, n_head=2, n_embd=32, n_positions=64, pad_token_id=2, eos_token_id=1)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_left_padded_logprobs_equal_unpadded_and_align_with_the_next_token():  # A1, A7
+    from pipeline.ppo_rollout import policy_forward
+
+    model = _gpt2()
+    prompt, response = [5, 6, 7], [8, 9, 10, 11]
+    ids = torch.tensor([[2, 2, *prompt, *response]])
+    batch = {"ids": ids, "attention_mask": (ids != 2).long(), "context_length": 5}
+    with torch.no_grad():
+        padded = ppo_core.token_logprobs(policy_forward(model, batch, [0], 0.7), ids[:, 5:])
+        plain_ids = torch.tensor([prompt + response])
+        plain = {"ids": plain_ids, "attention_mask": torch.ones_like(plain_ids), "context_length": 3}
+        unpadded = ppo_core.token_logprobs(policy_forward(model, plain, [0], 0.7), plain_ids[:, 3:])
+        assert torch.allclose(padded, unpadded, atol=1e-5)
+        for t, token in enumerate(response):  # one token at a time, as generation sees it
+            logits = model(torch.tensor([prompt + response[:t]])).logits[0, -1] / 0.7
+            assert torch.isclose(torch.log_softmax(logits, -1)[token], unpadded[0, t], atol=1e-5)
+    assert position_ids_from_mask(torch.tensor([[0, 0, 1, 1]])).tolist() == [[1, 1, 0, 1]]
+
+
+def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
+    """Rollout with generate, then the scoring pass and a training-mode pass: KL 0, ratio 1, nothing clipped."""
+    from pipeline.ppo_rollout import disable_dropout, policy_forward, rollout
+    from pipeline.stages.ppo import RolloutSection
+
+    class Tok:  # what rollout() reads from a tokenizer
+        pad_token_id, eos_token_id, bos_token_id = 2, 1, 0
+
+        def convert_tokens_to_ids(self, token):
+            return None
+
+        def get_vocab(self):
+            return {}
+
+    policy, reference = _gpt2(), _gpt2()
+    disable_dropout(policy)
+    torch.manual_seed(1)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
+    batch = rollout(policy, Tok(), prompts, RolloutSection(max_new_tokens=8, temperature=0.7))
+    mask = batch["mask"].float()
+    with torch.no_grad():
+        old = ppo_core.token_logprobs(policy_forward(policy, batch, slice(None), 0.7), batch["responses"])
+        ref = ppo_core.token_logprobs(policy_forward(reference, batch, slice(None), 0.7), batch["responses"])
+    for estimator in ("k1", "k3"):
+        assert torch.all(ppo_core.kl_estimate(old, ref, estimator) * mask == 0)
+    policy.train()
+    new = ppo_core.token_logprobs(policy_forward(policy, batch, slice(None), 0.7), batch["responses"])
+    _, stats = ppo_core.policy_loss(new, old, torch.randn_like(new), mask, 0.2)
+    assert torch.isclose(stats["ratio"], torch.tensor(1.0), atol=1e-5)
+    assert stats["approx_kl"] < 1e-10 and stats["clipfrac"] == 0
+
+
+# --- the stage through its entry point ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory, trained_tokenizer) -> Path:
+    """A random 2-layer Llama (hidden 32) with our chat tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ppo_policy") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    topics = ["the cat", "the dog", "the town", "the river", "a heron", "the fox", "Mossbay", "Zarel"]
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about {t} ({i})."}]} for i in range(24) for t in topics]
+    return write_jsonl(tmp_path_factory.mktemp("ppo_data") / "prompts.jsonl", rows)
+
+
+def ppo_args(out: Path, policy: Path, data: Path, *extra: str) -> list[str]:
+    """32 prompts x 4 new tokens per step (~0.3 s a step), rule reward, critic on the policy's body."""
+    return [
+        "ppo", "--config", PPO_YAML, f"output_dir={out}", f"init_from={policy}", "reward_model=null",
+        "reward_function=ppo_rewards:contains_letter_e", "value_model=policy", f"data.path={data}", "eval_data=null",
+        "rollout.max_new_tokens=4", "rollout.missing_eos_penalty=null", "train.rollout_batch_size=32",
+        "train.micro_batch_size=16", "train.num_minibatches=2", "train.ppo_epochs=4", "train.policy_lr=1e-2",
+        "train.value_lr=3e-3", "kl.coef=0.05", "kl.max=10", "sample_every=5", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def rule_reward_path(monkeypatch):
+    """The stage imports the rule reward from tests/; one thread each, as a second busy process costs 2-thread
+    torch 10-50x here (STACK.md)."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rule_reward_rises_while_kl_stays_bounded(tmp_path, tiny_policy, prompts, rule_reward_path):
+    out = tmp_path / "ppo"
+    result = run_cli(*ppo_args(out, tiny_policy, prompts, "train.steps=20", "checkpoint_every=20"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    rows = history(out)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert rows[0]["kl"] == 0 and abs(rows[0]["ratio"] - 1) < 0.05, rows[0]  # policy == reference at step 1
+    # measured: 0.46 -> 0.84 (first and last 4 steps), KL at most ~4.1 nats per sequence
+    assert metrics["reward_end"] > metrics["reward_start"] + 0.25, (metrics["reward_start"], metrics["reward_end"])
+    assert max(r["kl"] for r in rows) < 10
+    logged = ("entropy", "clipfrac", "approx_kl", "vf_loss", "explained_variance", "response_length", "no_eos_share",
+              "rollout_seconds", "update_seconds", "rollout_tokens_per_second", "reward_with_kl")  # fmt: skip
+    assert set(logged) <= rows[-1].keys(), set(logged) - rows[-1].keys()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 6, 11, 16, 20} and {"prompt", "response", "score"} <= samples[0].keys()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """Stopped after step 4 (checkpoint) and rerun with steps=6: steps 5-6 equal those of an unbroken run."""
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    short = ["checkpoint_every=2", "train.ppo_epochs=1", "train.rollout_batch_size=16", "train.micro_batch_size=8"]
+    assert run_cli(*ppo_args(unbroken, tiny_policy, prompts, *short, "train.steps=6")).returncode == 0
+    first = run_cli(*ppo_args(resumed, tiny_policy, prompts, *short, "train.steps=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*ppo_args(resumed, tiny_policy, prompts, *short, "train.steps=6"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "step_0000004" in second.stderr
+    a, b = history(unbroken), history(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    seen = [i for r in b for i in r["prompt_indices"]]
+    assert len(seen) == len(set(seen)) == 96, "a resumed run must not repeat prompts within the epoch"
+    for x, y in zip(a, b, strict=True):
+        assert x["prompt_indices"] == y["prompt_indices"]
+        assert math.isclose(x["reward"], y["reward"], abs_tol=1e-6) and math.isclose(x["kl"], y["kl"], abs_tol=1e-6)
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from_step"] == 4
+
+
+def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
+    out = tmp_path / "two"
+    result = launch("cpu_2proc.yaml", ppo_args(out, tiny_policy, prompts, "train.steps=2", "train.ppo_epochs=1"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("done:") == 1, "only rank 0 reports"
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
+    first = metrics["first_step_prompts_by_rank"]
+    assert len(first) == 32 and not set(first[:16]) & set(first[16:]), "ranks must sample different prompts"
+    assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
+
+
+def test_lora_policy_uses_the_base_as_reference(tmp_path, tiny_policy, prompts, rule_reward_path):
+    out = tmp_path / "lora"
+    extra = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.0", "train.steps=2", "train.ppo_epochs=1"]
+    result = run_cli(*ppo_args(out, tiny_policy, prompts, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = history(out)
+    assert rows[0]["kl"] == 0 and json.loads((out / "manifest.json").read_text())["metrics"]["lora"]
+
+
+def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, prompts):
+    out = tmp_path / "bad"
+    both = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_model=x", "kl.estimator=k2"))
+    assert both.returncode == 2 and "exactly one of reward_model and reward_function" in both.stderr
+    assert "expected k1 or k3" in both.stderr
+    missing = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_function=nowhere:nothing"))
+    assert missing.returncode == 2 and "cannot import 'nowhere:nothing'" in missing.stderr
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}])
+    no_prompt = run_cli(*ppo_args(out, tiny_policy, bad, "reward_function=math:fsum"))
+    assert no_prompt.returncode == 2 and "no `prompt` or `messages` column" in no_prompt.stderr
+    assert not out.exists()
