@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import UserError, dump_yaml
+from pipeline.config import UserError, dump_yaml, to_dict
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -156,10 +156,54 @@ def package_versions() -> dict[str, str | None]:
 # --- stage folders ----------------------------------------------------------------------------------------------
 
 
-def begin_stage(output_dir: str | Path, cfg: Any) -> Path:
-    """Prepare a stage's folder: drop any old manifest (the folder is unfinished from now on), save config.yaml."""
+# Keys a resumed run may change: how long it trains and how often it logs, evaluates and saves.
+RESUMABLE_CHANGES = {
+    "resume", "output_dir", "max_steps", "epochs", "logging_steps", "log_every", "save_steps", "save_total_limit",
+    "checkpoint_every", "keep_checkpoints", "eval_steps", "eval_every", "generation_eval_max",
+}  # fmt: skip
+
+
+def check_resume_config(output_dir: str | Path, cfg: Any) -> None:
+    """Refuse to resume checkpoints that another configuration wrote (they would be silently continued with the
+    new data, rates or model: a run that matches neither config). Compares with output_dir/config.yaml."""
+    import yaml
+
+    saved = Path(output_dir) / CONFIG
+    if not saved.is_file():
+        return
+    try:
+        old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError:
+        return
+    new = _flatten(to_dict(cfg))
+    keys = sorted(old.keys() | new.keys())
+    changed = [k for k in keys if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        more = ", ..." if len(changed) > 6 else ""
+        raise UserError(
+            f"{output_dir} holds checkpoints of a run with another config ({shown}{more}); "
+            "to start over set resume=never, or use another output_dir"
+        )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def begin_stage(output_dir: str | Path, cfg: Any, fresh: bool = False) -> Path:
+    """Prepare a stage's folder: drop any old manifest (the folder is unfinished from now on), save config.yaml.
+    `fresh` (not resuming): old checkpoints go too, so a later `resume: auto` cannot pick up another run's."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if (out / MANIFEST).exists():
         (out / MANIFEST).unlink()
         _fsync_dir(out)

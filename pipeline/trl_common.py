@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.artifacts import check_resume_config
 from pipeline.config import UserError, config, field
 
 
@@ -53,19 +54,24 @@ def training_kwargs(train: TrlTrainConfig, precision: str, checkpoints: Path) ->
     )  # fmt: skip
 
 
-def trainer_resume_point(checkpoints: Path, resume: str) -> str | None:
+def trainer_resume_point(checkpoints: Path, resume: str, cfg=None) -> str | None:
     """Trainer's newest complete `checkpoint-N` for resume: auto, None for never, or the given path (must exist).
 
-    Trainer writes trainer_state.json last, so a folder without it is one the process died while saving."""
+    Trainer writes trainer_state.json last, so a folder without it is one the process died while saving. With
+    `cfg`, checkpoints written under another config (output_dir/config.yaml) are refused, not continued."""
     if resume == "never":
         return None
     if resume == "auto":
         complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
         complete.sort(key=lambda p: int(p.name.rsplit("-", 1)[-1]))
-        return str(complete[-1]) if complete else None
-    if not Path(resume).is_dir():
+        found = str(complete[-1]) if complete else None
+    elif not Path(resume).is_dir():
         raise UserError(f"resume: {resume} is not a checkpoint folder; use auto, never or a checkpoint-N path")
-    return resume
+    else:
+        found = resume
+    if found is not None and cfg is not None:
+        check_resume_config(checkpoints.parent, cfg)
+    return found
 
 
 @config

@@ -19,6 +19,7 @@ from pipeline.config import DataConfig, config, field
 from pipeline.data import describe_data
 from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.stages.pretrain import generation_config
+from pipeline.stages.sft import exact_match, load_generation_rows
 from pipeline.tracking import log
 from pipeline.trl_common import (
     LoraSection,
@@ -54,6 +55,11 @@ class DPOStageConfig:
     loss_weights: list[float] | None = field(None, "Weights of the losses in loss_type (None: all 1).")
     precompute_ref_log_probs: bool = field(False, "Score the reference once before training (saves memory).")
     lora: LoraSection = field(factory=LoraSection, help="LoRA adapters; the reference is then adapters-off.")
+    generation_eval: DataConfig | None = field(
+        None, "Questions (question, answer columns) answered greedily before and after training: exact match."
+    )
+    generation_eval_max: int = field(200, "Use at most this many generation_eval rows.", ge=1)
+    max_new_tokens: int = field(16, "Longest generated answer in generation_eval, in tokens.", ge=1)
     precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16.")
     resume: str = field("auto", "auto (newest checkpoint in output_dir/checkpoints), never, or a checkpoint path.")
     train: TrlTrainConfig = field(factory=lambda: TrlTrainConfig(lr=5e-5), help="Optimisation.")
@@ -86,10 +92,11 @@ def run(cfg: DPOStageConfig) -> dict | None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_ds, eval_ds = load_preference_splits(cfg, tokenizer)
+    questions = load_generation_rows(cfg)
     checkpoints = out / "checkpoints"
-    resume_from = trainer_resume_point(checkpoints, cfg.resume)
+    resume_from = trainer_resume_point(checkpoints, cfg.resume, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        begin_stage(out, cfg)
+        begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- policy (+ frozen reference made by trl, or adapters-off with LoRA)
     torch.manual_seed(cfg.train.seed)
@@ -103,6 +110,9 @@ def run(cfg: DPOStageConfig) -> dict | None:
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out, beta {cfg.beta}, loss {cfg.loss_type}", STAGE)
+    match_before = None
+    if questions and trainer.is_world_process_zero():  # the others wait in train()
+        match_before, _ = exact_match(trainer.model, tokenizer, questions, cfg.max_new_tokens)
     result = trainer.train(resume_from_checkpoint=resume_from)
     before = evaluation_at_start(trainer)
     after = trainer.evaluate()
@@ -110,6 +120,10 @@ def run(cfg: DPOStageConfig) -> dict | None:
     # --- save: merged weights (or adapters), tokenizer, generation config; the manifest last
     metrics, facts = {}, launch_facts(trainer)
     if trainer.is_world_process_zero():
+        match_after, examples = (None, [])
+        if questions:
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            match_after, examples = exact_match(unwrapped, tokenizer, questions, cfg.max_new_tokens)
         with atomic_dir(out / "model") as tmp:
             save_trained_model(trainer, tokenizer, tmp, cfg.lora.merge, generation_config(tokenizer))
         metrics = {
@@ -121,15 +135,19 @@ def run(cfg: DPOStageConfig) -> dict | None:
             "heldout_reward_rejected": after.get("eval_rewards/rejected"),
             "heldout_logp_margin_before": _logp_margin(before), "heldout_logp_margin": _logp_margin(after),
             "heldout_loss_before": before.get("eval_loss"), "heldout_loss": after.get("eval_loss"),
+            "exact_match_before": match_before, "exact_match": match_after, "generation_examples": examples,
+            "generation_eval_rows": len(questions),
             **facts,
         }  # fmt: skip
         inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
-        if cfg.eval_data is not None:
-            inputs["eval_data"] = describe_data(cfg.eval_data)
+        for key in ("eval_data", "generation_eval"):
+            if getattr(cfg, key) is not None:
+                inputs[key] = describe_data(getattr(cfg, key))
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
+        shown = f", exact match {match_before:.3f} -> {match_after:.3f}" if questions else ""
         log(
             f"done: held-out log-prob margin {metrics['heldout_logp_margin_before']:.3f} -> "
-            f"{metrics['heldout_logp_margin']:.3f}, reward accuracy {metrics['heldout_reward_accuracy']:.3f} "
+            f"{metrics['heldout_logp_margin']:.3f}, reward accuracy {metrics['heldout_reward_accuracy']:.3f}{shown} "
             f"-> {out / 'model'}",
             STAGE,
         )

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import atomic_dir, begin_stage, content_hash, describe_input, write_manifest
+from pipeline.artifacts import (
+    atomic_dir,
+    begin_stage,
+    check_resume_config,
+    content_hash,
+    describe_input,
+    write_manifest,
+)
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
 from pipeline.data import describe_data, load_examples, pack_dataset
@@ -270,6 +277,8 @@ def run(cfg: PretrainConfig) -> dict | None:
     docs = load_examples(cfg.data, ["text"])
     val_docs = load_examples(cfg.validation_data, ["text"]) if cfg.validation_data else None
     resume_from = find_resume_point(out / "checkpoints", cfg.resume)
+    if resume_from is not None:
+        check_resume_config(out, cfg)
 
     # The model is built before the Accelerator: under a ZeRO-3 launch, transformers would otherwise build it
     # inside deepspeed.zero.Init, whose different initialisation breaks "same result as one process". A launch
@@ -279,7 +288,7 @@ def run(cfg: PretrainConfig) -> dict | None:
     accelerator = make_accelerator(cfg, accumulation, out)
     rank, micro = accelerator.process_index, cfg.train.micro_batch_size
     if accelerator.is_main_process:
-        begin_stage(out, cfg)
+        begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- data: rank 0 tokenizes and packs (cached on disk by content), the other ranks then read the cache
     if cfg.num_proc > 1:

@@ -122,9 +122,9 @@ def run(cfg: RewardConfig) -> dict | None:
         tokenizer.pad_token = tokenizer.eos_token
     train_ds, eval_ds = load_preference_splits(cfg, tokenizer)
     checkpoints = out / "checkpoints"
-    resume_from = trainer_resume_point(checkpoints, cfg.resume)
+    resume_from = trainer_resume_point(checkpoints, cfg.resume, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        begin_stage(out, cfg)
+        begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- model: the causal LM's body with a fresh one-output score head
     torch.manual_seed(cfg.train.seed)

@@ -253,7 +253,8 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
     return sum(hits) / len(hits), examples
 
 
-def _load_generation_rows(cfg: SFTStageConfig) -> list[dict]:
+def load_generation_rows(cfg) -> list[dict]:
+    """The `generation_eval` rows (question, answer) of a stage config that has the generation_eval keys."""
     if cfg.generation_eval is None:
         return []
     ds = load_examples(cfg.generation_eval, required=["question", "answer"])
@@ -270,7 +271,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
     out = Path(cfg.output_dir)
     train_ds, fmt, conversational = load_sft_rows(cfg.data)
     eval_ds = load_sft_rows(cfg.eval_data)[0] if cfg.eval_data is not None else None
-    questions = _load_generation_rows(cfg)
+    questions = load_generation_rows(cfg)
     model_path = resolve_model_path(cfg.init_from)
     tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -280,9 +281,9 @@ def run(cfg: SFTStageConfig) -> dict | None:
     if eval_ds is None and cfg.eval_fraction > 0:
         split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
         train_ds, eval_ds = split["train"], split["test"]
-    resume_from = trainer_resume_point(out / "checkpoints", cfg.resume)
+    resume_from = trainer_resume_point(out / "checkpoints", cfg.resume, cfg)
     if is_main_process():
-        begin_stage(out, cfg)
+        begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- model and trainer
     import torch
