@@ -22,9 +22,16 @@ $(BIN)/llmpipe: pyproject.toml
 
 setup: $(BIN)/llmpipe
 
+# Each stage reads the previous stage's folder; ~10 min on 2 CPU cores. Re-running continues unfinished stages.
 demo: setup
 	$(BIN)/llmpipe tokenizer --config configs/tiny/tokenizer.yaml output_dir=$(RUN)/tokenizer
 	$(BIN)/llmpipe pretrain --config configs/tiny/pretrain.yaml tokenizer=$(RUN)/tokenizer output_dir=$(RUN)/pretrain
+	$(BIN)/llmpipe eval --config configs/tiny/eval.yaml model=$(RUN)/pretrain output_dir=$(RUN)/eval_pretrain
+	$(BIN)/llmpipe sft --config configs/tiny/sft.yaml init_from=$(RUN)/pretrain output_dir=$(RUN)/sft
+	$(BIN)/llmpipe reward --config configs/tiny/reward.yaml init_from=$(RUN)/sft output_dir=$(RUN)/reward
+	$(BIN)/llmpipe dpo --config configs/tiny/dpo.yaml init_from=$(RUN)/sft output_dir=$(RUN)/dpo
+	$(BIN)/llmpipe ppo --config configs/tiny/ppo.yaml init_from=$(RUN)/sft reward_model=$(RUN)/reward output_dir=$(RUN)/ppo
+	$(BIN)/llmpipe eval --config configs/tiny/eval.yaml model=$(RUN)/dpo output_dir=$(RUN)/eval_dpo
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
