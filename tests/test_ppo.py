@@ -186,6 +186,28 @@ def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
     assert stats["approx_kl"] < 1e-10 and stats["clipfrac"] == 0
 
 
+def test_critic_from_the_reward_model_starts_at_its_score():  # C9
+    """The critic is a copy of the reward model read at every token: at the last token it gives the RM's score."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from pipeline.ppo_rollout import make_critic
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_labels=1, pad_token_id=2)  # fmt: skip
+    reward_model = LlamaForSequenceClassification(config).eval()
+    critic = make_critic(copy.deepcopy(reward_model))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        values = critic(ids, mask, position_ids_from_mask(mask))
+        assert torch.allclose(values[0, -1], reward_model(ids, attention_mask=mask).logits[0, 0], atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(critic.inner.state_dict().values(),
+                                                 reward_model.state_dict().values(), strict=True))  # fmt: skip
+
+
 # --- the stage through its entry point ----------------------------------------------------------------------------
 
 
