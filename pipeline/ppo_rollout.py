@@ -143,3 +143,36 @@ def make_scorer(cfg, device):
         return score_pairs(model, tokenizer, prompts, responses)
 
     return scorer, model
+
+
+def with_value_head(policy):
+    """`value_model: head`: a linear value head on the policy's last hidden state, one trunk for both (with LoRA,
+    policy, reference and critic then share one frozen base). Initialised as N+ does: std 1/sqrt(hidden + 1)."""
+    import torch
+
+    class PolicyWithValueHead(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.policy = inner
+            hidden = inner.config.hidden_size
+            self.value_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.normal_(self.value_head.weight, std=1 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(self.value_head.bias)
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, output_hidden_states=True)  # fmt: skip
+            out["token_values"] = self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+            return out
+
+    return PolicyWithValueHead(policy)
+
+
+def forward_both(model, critic, batch: dict, rows, temperature: float):
+    """Response logits and values: one pass through a policy with a value head (critic None), or two models."""
+    if critic is not None:
+        return policy_forward(model, batch, rows, temperature), critic_forward(critic, batch, rows)
+    mask = batch["attention_mask"][rows]
+    out = model(input_ids=batch["ids"][rows], attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    context = batch["context_length"]
+    return response_logits(out.logits, context, temperature), out["token_values"][:, context - 1 : -1]

@@ -312,13 +312,22 @@ def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
     assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
 
 
-def test_lora_policy_uses_the_base_as_reference(tmp_path, tiny_policy, prompts, rule_reward_path):
+def test_lora_policy_reference_and_value_head_share_one_base(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """LoRA + value head on the policy: one frozen base; the reference is it with the adapters off (KL 0 at step 1),
+    and the saved model is the merged causal LM without the head."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "lora"
-    extra = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.0", "train.steps=2", "train.ppo_epochs=1"]
+    extra = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.0", "value_model=head", "train.steps=3",
+             "train.ppo_epochs=2"]  # fmt: skip
     result = run_cli(*ppo_args(out, tiny_policy, prompts, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = history(out)
-    assert rows[0]["kl"] == 0 and json.loads((out / "manifest.json").read_text())["metrics"]["lora"]
+    assert rows[0]["kl"] == 0 and abs(rows[0]["ratio"] - 1) < 0.05 and rows[-1]["kl"] != 0, rows
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["lora"] and metrics["value_model"] == "head"
+    saved = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in name or "value_head" in name for name in saved)
 
 
 def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, prompts):

@@ -41,14 +41,15 @@ from pipeline.ppo_core import (
     value_loss,
 )
 from pipeline.ppo_rollout import (
-    critic_forward,
     disable_dropout,
     encode_prompts,
+    forward_both,
     load_reward_function,
     make_critic,
     make_scorer,
     policy_forward,
     rollout,
+    with_value_head,
 )
 from pipeline.stages.pretrain import BlockSampler, generation_config, make_accelerator
 from pipeline.tracking import MetricsLog, log
@@ -116,8 +117,9 @@ class PPOConfig:
         None, "Instead of a reward model: 'module:function' taking (prompts, responses) -> list of floats."
     )
     value_model: str | None = field(
-        None, "Critic init: 'reward' (a copy of the reward model, N+), 'policy' (policy body + new head) or a "
-        "path; None: 'reward' with a reward model, else 'policy'.",
+        None, "Critic: 'reward' (a copy of the reward model, N+), 'policy' (a copy of the policy's body + new head), "
+        "'head' (a value head on the policy itself, shared trunk) or a path; None: 'reward' with a reward model, "
+        "else 'policy'.",
     )  # fmt: skip
     data: DataConfig = field(help="Prompts: `prompt` (string or message list) or `messages` (all but the answer).")
     eval_data: DataConfig | None = field(None, "`question`/`answer` rows: exact match and reward before/after.")
@@ -265,26 +267,35 @@ def run(cfg: PPOConfig) -> dict | None:
     disable_dropout(policy)
     scorer, _ = make_scorer(cfg, device)
     value_source = cfg.value_model or ("reward" if cfg.reward_model else "policy")
-    value_path = {"reward": cfg.reward_model and resolve_model_path(cfg.reward_model), "policy": policy_path}.get(
-        value_source, value_source
-    )
-    value_model = load_pretrained(AutoModelForSequenceClassification, resolve_model_path(value_path),
-                                  cfg.trust_remote_code, "value_model", num_labels=1)  # fmt: skip
-    value_model.config.pad_token_id = tokenizer.pad_token_id
-    disable_dropout(value_model)
-    critic = make_critic(value_model)
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": train.policy_lr},
-         {"params": list(critic.parameters()), "lr": train.value_lr}], weight_decay=0.0, eps=1e-5,
-    )  # fmt: skip
-    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
-    policy.train(), critic.train()  # dropout is off, so train mode changes nothing but what peft/DDP expect
+    shared = value_source == "head"
+    if shared:  # one module: DDP must see the trunk once
+        policy, critic = with_value_head(policy), None
+        groups = [[p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head")],
+                  list(policy.value_head.parameters())]  # fmt: skip
+    else:
+        value_path = {"reward": cfg.reward_model and resolve_model_path(cfg.reward_model), "policy": policy_path}
+        value_model = load_pretrained(AutoModelForSequenceClassification,
+                                      resolve_model_path(value_path.get(value_source, value_source)),
+                                      cfg.trust_remote_code, "value_model", num_labels=1)  # fmt: skip
+        value_model.config.pad_token_id = tokenizer.pad_token_id
+        disable_dropout(value_model)
+        critic = make_critic(value_model)
+        groups = [[p for p in policy.parameters() if p.requires_grad], list(critic.parameters())]
+    lrs = [{"params": groups[0], "lr": train.policy_lr}, {"params": groups[1], "lr": train.value_lr}]
+    optimizer = torch.optim.AdamW(lrs, weight_decay=0.0, eps=1e-5)
+    if shared:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+    else:
+        policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
+        critic.train()
+    policy.train()  # dropout is off, so train mode changes nothing but what peft/DDP expect
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"{len(prompts)} prompts ({len(keep)} kept), {world} process(es) x {per_rank} per step; policy "
         f"{trainable / 1e6:.2f}M trained, critic from {value_source}", STAGE)  # fmt: skip
 
-    def unwrapped():
-        return accelerator.unwrap_model(policy)
+    def unwrapped():  # the causal LM itself, for generation, the reference pass and saving
+        model = accelerator.unwrap_model(policy)
+        return model.policy if shared else model
 
     kl_controller = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     start_step, state = 0, {}
@@ -320,15 +331,17 @@ def run(cfg: PPOConfig) -> dict | None:
         with torch.no_grad():
             old_logprobs, ref_logprobs, values = [], [], []
             for rows in torch.arange(per_rank).split(train.micro_batch_size):
-                old_logprobs.append(token_logprobs(policy_forward(unwrapped(), batch, rows, cfg.rollout.temperature),
-                                                   responses[rows]))  # fmt: skip
+                logits, rollout_values = forward_both(accelerator.unwrap_model(policy), critic and
+                                                      accelerator.unwrap_model(critic), batch, rows,
+                                                      cfg.rollout.temperature)  # fmt: skip
+                old_logprobs.append(token_logprobs(logits, responses[rows]))
+                values.append(rollout_values)
                 if reference is None:
                     with unwrapped().disable_adapter():
                         ref_logits = policy_forward(unwrapped(), batch, rows, cfg.rollout.temperature)
                 else:
                     ref_logits = policy_forward(reference, batch, rows, cfg.rollout.temperature)
                 ref_logprobs.append(token_logprobs(ref_logits, responses[rows]))
-                values.append(critic_forward(accelerator.unwrap_model(critic), batch, rows))
             old_logprobs, ref_logprobs, values = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             raw_scores = torch.tensor(scorer(batch_prompts, texts), dtype=torch.float32, device=device)
@@ -356,9 +369,8 @@ def run(cfg: PPOConfig) -> dict | None:
             for part in order.split(minibatch):
                 check = torch.zeros(3, device=device)  # summed loss, mean ratio, non-finite count
                 for rows in part.split(train.micro_batch_size):
-                    logits = policy_forward(policy, batch, rows, cfg.rollout.temperature)
+                    logits, new_values = forward_both(policy, critic, batch, rows, cfg.rollout.temperature)
                     new_logprobs = token_logprobs(logits, responses[rows])
-                    new_values = critic_forward(critic, batch, rows)
                     pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs[rows], advantages[rows], mask[rows],
                                                     train.clip_range)  # fmt: skip
                     vf_loss, vf_stats = value_loss(new_values, values[rows], returns[rows], mask[rows],
@@ -381,7 +393,8 @@ def run(cfg: PPOConfig) -> dict | None:
                                                          f"train.ratio_range {[low, high]}"))  # fmt: skip
                 if train.grad_clip:
                     accelerator.clip_grad_norm_(policy.parameters(), train.grad_clip)
-                    accelerator.clip_grad_norm_(critic.parameters(), train.grad_clip)
+                    if critic is not None:
+                        accelerator.clip_grad_norm_(critic.parameters(), train.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
