@@ -31,7 +31,7 @@ def dpo_args(out, base, train, held_out, *extra) -> list[str]:
 
 
 def test_dpo_raises_the_heldout_margin_full_and_lora(tmp_path, base_model):  # noqa: F811
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     train = write_jsonl(tmp_path / "train.jsonl", separable_pairs(320, 0, True))
     held_out = write_jsonl(tmp_path / "held_out.jsonl", separable_pairs(48, 1, True))
@@ -43,6 +43,11 @@ def test_dpo_raises_the_heldout_margin_full_and_lora(tmp_path, base_model):  # n
         assert metrics["heldout_logp_margin"] > metrics["heldout_logp_margin_before"] + 1.0, (mode, metrics)
         assert metrics["heldout_reward_accuracy"] >= 0.9, (mode, metrics)
         model = AutoModelForCausalLM.from_pretrained(out / "model")  # merged: no peft needed to load
+        tokenizer = AutoTokenizer.from_pretrained(out / "model")
+        prompt = tokenizer.apply_chat_template(separable_pairs(1, 5, True)[0]["prompt"], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)  # fmt: skip
+        generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        assert generated.shape[1] > prompt["input_ids"].shape[1], mode
         assert not any("lora" in name for name in load_file(out / "model" / "model.safetensors"))
         before = load_file(base_model / "model" / "model.safetensors")
         after = model.state_dict()
