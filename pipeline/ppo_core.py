@@ -95,6 +95,14 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: s
 # --- rewards and advantages -------------------------------------------------------------------------------------
 
 
+def penalise_missing_stop(scores: torch.Tensor, has_stop: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """trl's rule (A4): subtract `penalty` from the score of each response that never produced a stop token; the
+    other scores are left as they are. N+ instead replaces such a score with a constant."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~has_stop).to(scores.dtype)
+
+
 def token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, last_index: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

@@ -34,6 +34,12 @@ def test_truncation_keeps_the_first_stop_token_and_pads_after_it():  # A2, A3
     assert mask.tolist() == [[1, 1, 1]] and not has_stop[0] and last.tolist() == [2]
 
 
+def test_missing_stop_penalty_changes_only_that_score():  # A4
+    scores, has_stop = torch.tensor([0.5, 0.2, -0.1]), torch.tensor([True, False, True])
+    assert ppo_core.penalise_missing_stop(scores, has_stop, 1.0).tolist() == pytest.approx([0.5, -0.8, -0.1])
+    assert torch.equal(ppo_core.penalise_missing_stop(scores, has_stop, None), scores)
+
+
 def test_kl_estimators():  # B2
     logprobs = torch.tensor([-1.0, -2.0])
     assert torch.equal(ppo_core.kl_estimate(logprobs, logprobs, "k1"), torch.zeros(2))
@@ -328,6 +334,15 @@ def test_lora_policy_reference_and_value_head_share_one_base(tmp_path, tiny_poli
     assert metrics["lora"] and metrics["value_model"] == "head"
     saved = load_file(out / "model" / "model.safetensors")
     assert not any("lora" in name or "value_head" in name for name in saved)
+
+
+def test_kl_guardrail_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_policy, prompts, rule_reward_path):
+    out = tmp_path / "guard"
+    result = run_cli(*ppo_args(out, tiny_policy, prompts, "kl.max=0.01", "checkpoint_every=1", "train.steps=4"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "KL to the reference" in result.stderr and "step_0000001, is intact" in result.stderr, result.stderr[-2000:]
+    assert (out / "checkpoints" / "step_0000001" / "trainer_state.json").is_file()
+    assert not (out / "manifest.json").exists()
 
 
 def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, prompts):

@@ -35,6 +35,7 @@ from pipeline.ppo_core import (
     kl_estimate,
     masked_mean,
     masked_whiten,
+    penalise_missing_stop,
     policy_loss,
     token_logprobs,
     token_rewards,
@@ -346,8 +347,7 @@ def run(cfg: PPOConfig) -> dict | None:
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             raw_scores = torch.tensor(scorer(batch_prompts, texts), dtype=torch.float32, device=device)
             scores = raw_scores.clamp(-train.reward_clip, train.reward_clip) if train.reward_clip else raw_scores
-            if cfg.rollout.missing_eos_penalty is not None:  # trl's rule: subtract, only from the no-stop rows
-                scores = scores - cfg.rollout.missing_eos_penalty * (~batch["has_stop"]).float()
+            scores = penalise_missing_stop(scores, batch["has_stop"], cfg.rollout.missing_eos_penalty)
             kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl.estimator) * mask
             rewards = token_rewards(scores, kl, kl_controller.coef, batch["last_index"], mask)
             if train.whiten_rewards:
