@@ -251,10 +251,17 @@ def near_misses(answer: str) -> list[str]:
 
 
 def wrong_answer(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> str:
-    """A plausible wrong answer: another value from the same set, the smaller number, or a near miss."""
+    """A plausible wrong answer: another value from the same set, a near miss, or for "which is larger" the
+    smaller number or a bigger one that is not among the two. Without the last kind a reward model learns "bigger
+    is better" and PPO games it (the policy answered 99 or 770 to "66 or 77?")."""
     if kind in ATTRS:
         return rng.choice([v for v in ATTRS[kind] if v != answer])
-    return str(min(key)) if kind == "larger" else rng.choice(near_misses(answer))
+    if kind != "larger":
+        return rng.choice(near_misses(answer))
+    roll = rng.random()
+    if roll < 0.5:
+        return str(min(key))
+    return str(max(key) + rng.randint(1, 20)) if roll < 0.75 else answer + str(rng.randint(0, 9))
 
 
 def choices_for(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> tuple[list[str], int]:
@@ -535,7 +542,8 @@ appear in no other file. Answers are one word or one number.
   message, ~10% have two user/assistant turns.
 - `preference.jsonl`, `preference_eval.jsonl`: `{{"prompt": [user msg], "chosen": [assistant msg],
   "rejected": [assistant msg]}}`, about train people and "which is larger"; rejected is another value of the same
-  kind (70% of fact rows), a value of another kind or an evasive non-answer, or the smaller number.
+  kind (70% of fact rows), a value of another kind or an evasive non-answer; for comparisons the smaller
+  number or a bigger number that is not among the two.
   preference_eval asks what preference never does: other phrasings of the facts, reserved comparisons.
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
