@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import UserError, dump_yaml, to_dict
+from pipeline.config import UserError, dump_yaml
 
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
@@ -175,7 +175,7 @@ def check_resume_config(output_dir: str | Path, cfg: Any) -> None:
         old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError:
         return
-    new = _flatten(to_dict(cfg))
+    new = _flatten(yaml.safe_load(dump_yaml(cfg)))  # through YAML as config.yaml went: tuples become lists
     keys = sorted(old.keys() | new.keys())
     changed = [k for k in keys if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
     if changed:
