@@ -61,6 +61,23 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.Comp
     )
 
 
+def save_tiny_model(folder: Path, tokenizer_stage: Path, config_class, **sizes) -> Path:
+    """A randomly initialised (seed 0) causal LM of `config_class` (e.g. LlamaConfig, Qwen2Config) with the chat
+    tokenizer of a tokenizer stage folder, saved as an HF model folder: any family or size, built offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_stage / "tokenizer")
+    config = config_class(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **sizes,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def trained_tokenizer(tmp_path_factory, small_corpus) -> Path:
     """A tokenizer artifact trained by the real CLI on the small corpus (vocab 512)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, save_tiny_model
 
 from pipeline.config import UserError
 from pipeline.eval_tasks import (
@@ -40,20 +40,12 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, trained_tokenizer) -> Path:
     """A random 2-layer Llama (h64) with the trained tokenizer, saved as an HF model folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    return save_tiny_model(
+        tmp_path_factory.mktemp("eval_model") / "model", trained_tokenizer, LlamaConfig, hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
     )  # fmt: skip
-    out = tmp_path_factory.mktemp("eval_model") / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

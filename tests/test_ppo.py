@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, run_cli, save_tiny_model, write_jsonl
 from test_distributed import launch
 
 from pipeline import ppo_core
@@ -220,19 +220,13 @@ def test_critic_from_the_reward_model_starts_at_its_score():  # C9
 @pytest.fixture(scope="module")
 def tiny_policy(tmp_path_factory, trained_tokenizer) -> Path:
     """A random 2-layer Llama (hidden 32) with our chat tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    return save_tiny_model(
+        tmp_path_factory.mktemp("ppo_policy") / "model", trained_tokenizer, LlamaConfig, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True,
     )  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ppo_policy") / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

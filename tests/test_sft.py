@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, write_jsonl
+from conftest import REPO, run_cli, save_tiny_model, write_jsonl
 from safetensors.torch import load_file
 from test_pretrain import tiny_args
 
@@ -33,19 +33,13 @@ def base_model(tmp_path_factory, trained_tokenizer, small_corpus) -> Path:
 @pytest.fixture(scope="module")
 def qwen2_model(tmp_path_factory, trained_tokenizer) -> Path:
     """A tiny Qwen2 (another family, with attention biases) built from a config with our chat tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import Qwen2Config
 
-    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    return save_tiny_model(
+        tmp_path_factory.mktemp("qwen2") / "model", trained_tokenizer, Qwen2Config, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=128, tie_word_embeddings=True,
     )  # fmt: skip
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("qwen2") / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def sft_args(out: Path, init_from: Path, *extra: str) -> list[str]:
