@@ -81,6 +81,7 @@ def main() -> None:
         )
         cfg = pretrain.PretrainConfig(
             output_dir=str(tmp / "pt"), tokenizer=str(tmp / "tok"), data=corpus, model=model_cfg, num_proc=2,
+            validation_fraction=0.1,  # the demo corpus is small: 1024-token blocks need a tenth for one batch
             precision=args.precision, resume="never", log_every=10, eval_every=10**6, eval_batches=1,
             checkpoint_every=10**6,
             train=pretrain.TrainConfig(micro_batch_size=size["micro_batch"], max_steps=args.steps, warmup_steps=5),
