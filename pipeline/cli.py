@@ -1,4 +1,5 @@
-"""`llmpipe <stage> [--config FILE] [key.sub=value ...]`, `llmpipe validate <stage> ...`.
+"""`llmpipe <stage> [--config FILE] [key.sub=value ...]`, `llmpipe validate <stage> ...`, `llmpipe run PIPELINE`,
+`llmpipe report RUN_DIR`.
 
 The stage table below is the only indirection: each stage module has a `Config` dataclass and `run(cfg)`; a
 command of two words (`annotate export`) is one entry. A module's `FLAGS` names config keys that are also taken
@@ -30,6 +31,11 @@ STAGES = {
     "annotate": ("pipeline.annotate", "label preference pairs in the terminal, one key per judgement"),
     "annotate export": ("pipeline.annotate_export", "write the labels as preference pairs for reward and dpo"),
     "annotate stats": ("pipeline.annotate_stats", "labels per annotator, agreement (kappa), position bias"),
+}
+# commands over several stages -> (module with main(argv), one-line summary)
+COMMANDS = {
+    "run": ("pipeline.orchestrate", "run a pipeline file: every stage in order, skipping finished ones"),
+    "report": ("pipeline.report", "rebuild a run's report card (report.md and plots)"),
 }
 EXIT_BAD_INPUT = 2
 
@@ -86,9 +92,11 @@ def _preflight(cfg) -> None:
 
 def _main_usage() -> str:
     width = max(len(s) for s in STAGES)
-    stages = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in STAGES.items())
+    stages = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in {**STAGES, **COMMANDS}.items())
     return (
-        "usage: llmpipe <stage> [--config FILE] [key=value ...]\n"
+        "usage: llmpipe run PIPELINE.yaml [--dry-run] [--from STAGE] [--stages A,B] [--force]\n"
+        "       llmpipe report RUN_DIR\n"
+        "       llmpipe <stage> [--config FILE] [key=value ...]\n"
         "       llmpipe validate <stage> [--config FILE] [key=value ...]\n"
         "       llmpipe <stage> --help    (lists every config key)\n"
         "       llmpipe annotate --pairs FILE --log FILE --annotator NAME    (then: annotate export|stats)\n\n"
@@ -101,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_main_usage())
         return 0 if argv else EXIT_BAD_INPUT
+    if argv[0] in COMMANDS:  # llmpipe run PIPELINE / llmpipe report RUN_DIR
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        try:
+            return module.main(argv[1:])
+        except UserError as exc:
+            for problem in exc.problems:
+                print(f"llmpipe {argv[0]}: error: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:
+            print(f"llmpipe {argv[0]}: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
     validate = argv[0] == "validate"
     if validate:
         argv = argv[1:]
