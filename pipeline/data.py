@@ -261,3 +261,37 @@ def load_preference_pairs(cfg: DataConfig):
         if row["chosen"] == row["rejected"]:
             raise UserError(f"{source}: row {i}: chosen and rejected are identical")
     return ds, conversational
+
+
+def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
+    """Rows with a reference answer for greedy exact match: `question`/`answer` rows, or preference pairs with an
+    explicit prompt (`prompt` + `chosen`: the chosen reply is the reference), as trl writes them. Returns at most
+    `limit` rows `{"question": str or message list, "answer": str}`, one per distinct question, in file order."""
+    ds = load_examples(cfg, required=[])
+    columns = ds.column_names
+    if {"question", "answer"} <= set(columns):
+        pairs = ((row["question"], row["answer"]) for row in ds.select_columns(["question", "answer"]))
+    elif {"prompt", "chosen"} <= set(columns):
+        pairs = ((row["prompt"], _final_reply(row["chosen"])) for row in ds.select_columns(["prompt", "chosen"]))
+    else:
+        raise UserError(f"data: {cfg.path} needs `question` and `answer` columns, or `prompt` and `chosen` "
+                        f"(a preference file); it has {columns}")  # fmt: skip
+    rows, seen = [], set()
+    for index, (question, answer) in enumerate(pairs):
+        if not question or not isinstance(question, (str, list)) or not isinstance(answer, str) or not answer:
+            raise UserError(f"data: {cfg.path}: row {index}: empty or non-text question or reference answer")
+        key = json.dumps(question, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"question": question, "answer": answer})
+        if len(rows) == limit:
+            break
+    return rows
+
+
+def _final_reply(chosen) -> str:
+    """The text of a chosen reply: a string, or the last assistant message of a message list."""
+    if isinstance(chosen, str):
+        return chosen
+    replies = [m.get("content") for m in chosen if isinstance(m, dict) and m.get("role") == "assistant"]
+    return replies[-1] if replies and isinstance(replies[-1], str) else ""

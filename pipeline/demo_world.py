@@ -252,16 +252,36 @@ def near_misses(answer: str) -> list[str]:
 
 def wrong_answer(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> str:
     """A plausible wrong answer: another value from the same set, a near miss, or for "which is larger" the
-    smaller number or a bigger one that is not among the two. Without the last kind a reward model learns "bigger
-    is better" and PPO games it (the policy answered 99 or 770 to "66 or 77?")."""
+    smaller number, a near miss of the larger one, or another number that is not among the two. Without the last
+    kinds a reward model learns "bigger is better" or "about this big is fine", and PPO games it (the policy
+    answered 99 or 770 to "66 or 77?", 53 to "30 or 52?")."""
     if kind in ATTRS:
         return rng.choice([v for v in ATTRS[kind] if v != answer])
     if kind != "larger":
         return rng.choice(near_misses(answer))
     roll = rng.random()
-    if roll < 0.5:
+    if roll < 0.3:
         return str(min(key))
-    return str(max(key) + rng.randint(1, 20)) if roll < 0.75 else answer + str(rng.randint(0, 9))
+    if roll < 0.6:  # a near miss of the answer: what a small model writes when it does not copy the number
+        return rng.choice([n for n in near_misses(answer) if int(n) not in key])
+    if roll < 0.8:  # any number that is not among the two, smaller or bigger
+        return str(rng.choice([n for n in range(1, 100) if n not in key]))
+    return answer + str(rng.randint(0, 9))
+
+
+def garbled(rng: random.Random, answer: str, others: list[str]) -> str:
+    """A non-word of the kind a small policy samples: the answer with a letter dropped or doubled, or the start of
+    one value run into the end of another ("amisher", "fmiller"). Without these a reward model scores such
+    blends like real values, and PPO learns to write them."""
+    while True:
+        if rng.random() < 0.4:
+            i = rng.randrange(len(answer))
+            word = answer[:i] + answer[i + 1 :] if rng.random() < 0.5 else answer[: i + 1] + answer[i:]
+        else:
+            a, b = rng.sample([answer, *others], 2)
+            word = a[: rng.randint(1, len(a) - 1)] + b[rng.randint(1, len(b) - 1) :]
+        if word and word != answer and word not in others:
+            return word
 
 
 def choices_for(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> tuple[list[str], int]:
@@ -425,12 +445,15 @@ PREFERENCE_ARITH = ("larger",)
 
 def fact_rejections(items: list[dict], rng: random.Random) -> list[dict]:
     """Preference rows for fact items: mostly another value of the same kind (the model must know the fact),
-    sometimes a value of another kind or an evasive non-answer (it must know what an answer looks like)."""
+    sometimes a garbled value, a value of another kind or an evasive non-answer (it must know what an answer
+    looks like)."""
     rows = []
     for it in items:
         roll = rng.random()
-        if roll < 0.7:
+        if roll < 0.55:
             rejected = wrong_answer(rng, it["kind"], it["a"])
+        elif roll < 0.7:
+            rejected = garbled(rng, it["a"], [v for a in ATTRS for v in ATTRS[a] if v != it["a"]])
         elif roll < 0.85:
             rejected = rng.choice(ATTRS[rng.choice([a for a in ATTRS if a != it["kind"]])])
         else:
@@ -454,7 +477,7 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict]]:
     compare = [
         {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
         for kind in PREFERENCE_ARITH
-        for key in rng.sample(world.pools["train"][kind], 300)
+        for key in rng.sample(world.pools["train"][kind], 500)
     ]
     reserved = [
         {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
@@ -462,7 +485,7 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict]]:
         for key in world.pools["pref_eval"][kind]
     ]
     n_eval_facts = 300 - len(reserved)
-    train = fact_rejections(facts[n_eval_facts : n_eval_facts + 1700], rng) + preference_rows(compare, rng)
+    train = fact_rejections(facts[n_eval_facts : n_eval_facts + 1500], rng) + preference_rows(compare, rng)
     held_out = fact_rejections(facts[:n_eval_facts], rng) + preference_rows(reserved, rng)
     rng.shuffle(train)
     rng.shuffle(held_out)
@@ -542,8 +565,8 @@ appear in no other file. Answers are one word or one number.
   message, ~10% have two user/assistant turns.
 - `preference.jsonl`, `preference_eval.jsonl`: `{{"prompt": [user msg], "chosen": [assistant msg],
   "rejected": [assistant msg]}}`, about train people and "which is larger"; rejected is another value of the same
-  kind (70% of fact rows), a value of another kind or an evasive non-answer; for comparisons the smaller
-  number or a bigger number that is not among the two.
+  kind (55% of fact rows), a garbled value ("amisher"), a value of another kind or an evasive non-answer; for
+  comparisons the smaller number, a near miss of the larger or another number that is not among the two.
   preference_eval asks what preference never does: other phrasings of the facts, reserved comparisons.
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).

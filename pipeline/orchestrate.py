@@ -183,7 +183,7 @@ def plan(pipeline: Pipeline, selected: set[str], force: bool) -> None:
         elif state == "finished":
             stage.action, stage.reason = "skip", "finished, same config and inputs"
         elif state == "unfinished":
-            stage.action, stage.reason = "resume", "unfinished, same config: continues from its last checkpoint"
+            stage.action, stage.reason = "resume", "unfinished, same config: continues from its last checkpoint if any"
         else:
             stage.action, stage.reason = "rerun", why
         if stage.action != "skip":

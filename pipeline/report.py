@@ -141,12 +141,7 @@ def plot_curves(stages: list[dict], path: Path) -> bool:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save_grid(fig, axes, len(panels), path)
 
 
 def plot_bars(groups: list[str], series: list[tuple[str, list]], title: str, path: Path) -> bool:
@@ -169,6 +164,41 @@ def plot_bars(groups: list[str], series: list[tuple[str, list]], title: str, pat
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_before_after(headlines: list[tuple], path: Path) -> bool:
+    """One small panel per headline metric: its value before the stage and after, green when it moved the
+    right way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [h for h in headlines if h[2] is not None]
+    if not shown:
+        return False
+    cols = min(4, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, label, before, after, good) in zip(axes.flat, shown, strict=False):
+        bars = ax.bar(["before", "after"], [before, after], color=["#9e9e9e", "#2e7d32" if good else "#c62828"])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_title(f"{name}\n{label}", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.margins(y=0.2)
+    return _save_grid(fig, axes, len(shown), path)
+
+
+def _save_grid(fig, axes, used: int, path: Path) -> bool:
+    """Blank the unused panels of a grid, save it as PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -220,9 +250,7 @@ def build_report(run_dir: str | Path) -> Path:
             lines.append(f"\n{stage['name']}: KL to the reference at the end {_fmt(m.get('kl_end'))} nats "
                          f"(highest seen {_fmt(m.get('kl_max_seen'))}).")  # fmt: skip
         lines.append("")
-        if plot_bars([f"{n}\n{label}" for n, label, *_ in headlines],
-                     [("before", [b for *_, b, _, _ in headlines]), ("after", [a for *_, a, _ in headlines])],
-                     "each stage's metric, before and after", run_dir / "stage_metrics.png"):  # fmt: skip
+        if plot_before_after(headlines, run_dir / "stage_metrics.png"):
             lines += ["![stage metrics](stage_metrics.png)", ""]
 
     eval_stages, metric_names, values = eval_table(stages)

@@ -151,3 +151,22 @@ def evaluation_at_start(trainer) -> dict:
     model as prepared in evaluation mode, `train()` then skips the DDP wrapper, and with several processes every
     rank trains its own copy, silently (accelerate 1.15, transformers 5.24; tests/test_trl_distributed.py)."""
     return next((entry for entry in trainer.state.log_history if "eval_loss" in entry), {})
+
+
+def metrics_jsonl_callback(out: Path, resume_from: str | None):
+    """A Trainer callback writing every dict the Trainer logs (loss, lr, grad norm, eval metrics) to
+    out/metrics.jsonl, one line per logging step; a resumed run drops the lines after its checkpoint's step."""
+    from transformers import TrainerCallback
+
+    from pipeline.tracking import MetricsLog
+
+    metrics = MetricsLog(
+        out / "metrics.jsonl", resume_step=int(resume_from.rsplit("-", 1)[-1]) if resume_from else None
+    )
+
+    class WriteMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                metrics.write(state.global_step, logs)
+
+    return WriteMetrics()

@@ -90,3 +90,24 @@ def test_encode_and_pack_puts_eos_between_documents(trained_tokenizer):
     expected = [i for d in docs for i in [*tok.encode(d, add_special_tokens=False), tok.eos_token_id]]
     assert blocks.shape == (len(expected) // 16, 16)
     assert blocks.flatten().tolist() == expected[: blocks.size]
+
+
+def test_reference_answers_from_question_rows_or_preference_pairs(tmp_path):
+    from pipeline.data import load_reference_answers
+
+    qa = str(
+        write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q1", "answer": "a1"}, {"question": "Q2", "answer": "a2"}])
+    )
+    assert load_reference_answers(DataConfig(path=qa), 10) == [
+        {"question": "Q1", "answer": "a1"}, {"question": "Q2", "answer": "a2"}]  # fmt: skip
+    assert len(load_reference_answers(DataConfig(path=qa), 1)) == 1
+    user = [{"role": "user", "content": "Which is larger, 3 or 7?"}]
+    pairs = [{"prompt": user, "chosen": [{"role": "assistant", "content": "7"}],
+              "rejected": [{"role": "assistant", "content": wrong}]} for wrong in ("3", "9")]  # fmt: skip
+    rows = load_reference_answers(DataConfig(path=str(write_jsonl(tmp_path / "pref.jsonl", pairs))), 10)
+    assert rows == [{"question": user, "answer": "7"}]  # the chosen reply; one row per prompt
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "plain?", "chosen": "yes", "rejected": "no"}])
+    assert load_reference_answers(DataConfig(path=str(plain)), 10) == [{"question": "plain?", "answer": "yes"}]
+    bad = str(write_jsonl(tmp_path / "bad.jsonl", [{"text": "no answers here"}]))
+    with pytest.raises(UserError, match=r"bad\.jsonl needs `question` and `answer`.*\['text'\]"):
+        load_reference_answers(DataConfig(path=bad), 10)

@@ -27,6 +27,7 @@ from pipeline.trl_common import (
     evaluation_at_start,
     launch_facts,
     load_preference_splits,
+    metrics_jsonl_callback,
     peft_config,
     save_trained_model,
     trainer_resume_point,
@@ -56,7 +57,9 @@ class DPOStageConfig:
     precompute_ref_log_probs: bool = field(False, "Score the reference once before training (saves memory).")
     lora: LoraSection = field(factory=LoraSection, help="LoRA adapters; the reference is then adapters-off.")
     generation_eval: DataConfig | None = field(
-        None, "Questions (question, answer columns) answered greedily before and after training: exact match."
+        None,
+        "Questions (question, answer columns; or preference pairs: prompt + chosen) answered greedily "
+        "before and after training: exact match.",
     )
     generation_eval_max: int = field(200, "Use at most this many generation_eval rows.", ge=1)
     max_new_tokens: int = field(16, "Longest generated answer in generation_eval, in tokens.", ge=1)
@@ -113,6 +116,7 @@ def run(cfg: DPOStageConfig) -> dict | None:
     match_before = None
     if questions and trainer.is_world_process_zero():  # the others wait in train()
         match_before, _ = exact_match(trainer.model, tokenizer, questions, cfg.max_new_tokens)
+    trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     result = trainer.train(resume_from_checkpoint=resume_from)
     before = evaluation_at_start(trainer)
     after = trainer.evaluate()

@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.checkpoints import find_resume_point, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
-from pipeline.data import describe_data, load_examples
+from pipeline.data import describe_data, load_examples, load_reference_answers
 from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.ppo_core import (
     KLController,
@@ -123,7 +123,11 @@ class PPOConfig:
         "else 'policy'.",
     )  # fmt: skip
     data: DataConfig = field(help="Prompts: `prompt` (string or message list) or `messages` (all but the answer).")
-    eval_data: DataConfig | None = field(None, "`question`/`answer` rows: exact match and reward before/after.")
+    eval_data: DataConfig | None = field(
+        None,
+        "Held-out prompts with a reference answer: `question`/`answer` rows, or preference pairs (`prompt` + "
+        "`chosen`, e.g. the reward stage's eval_data); greedy exact match and reward before/after.",
+    )
     eval_max: int = field(100, "Use at most this many eval_data rows.", ge=1)
     eval_max_new_tokens: int = field(16, "Longest greedy answer on eval_data.", ge=1)
     lora: LoraSection = field(factory=LoraSection, help="LoRA policy; the reference is it with adapters off.")
@@ -179,10 +183,10 @@ def load_prompts(data: DataConfig) -> list:
 
 def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig) -> dict:
     """Greedy exact match (sft.exact_match) and mean score of the greedy answers on held-out questions."""
-    from pipeline.stages.sft import exact_match
+    from pipeline.stages.sft import as_messages, exact_match
 
     match, examples = exact_match(model, tokenizer, rows, cfg.eval_max_new_tokens)
-    prompts = [[{"role": "user", "content": r["question"]}] for r in rows]
+    prompts = [as_messages(r["question"]) for r in rows]
     ids = encode_prompts(tokenizer, prompts)
     greedy = RolloutSection(max_new_tokens=cfg.eval_max_new_tokens, max_prompt_length=cfg.rollout.max_prompt_length)
     scores, no_stop = [], 0
@@ -233,10 +237,7 @@ def run(cfg: PPOConfig) -> dict | None:
     if not keep:
         raise UserError(f"data: every prompt is longer than rollout.max_prompt_length {cfg.rollout.max_prompt_length}")
     prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
-    eval_rows = []
-    if cfg.eval_data is not None:
-        eval_ds = load_examples(cfg.eval_data, required=["question", "answer"])
-        eval_rows = list(eval_ds.select(range(min(cfg.eval_max, len(eval_ds)))).select_columns(["question", "answer"]))
+    eval_rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
     if cfg.reward_function:
         load_reward_function(cfg.reward_function)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -458,6 +459,7 @@ def run(cfg: PPOConfig) -> dict | None:
         window = max(1, len(history) // 5)
         metrics = {
             "steps": train.steps, "world_size": world, "distributed_type": str(accelerator.distributed_type.value),
+            "mixed_precision": str(accelerator.mixed_precision),
             "reward_start": _mean(history[:window], "reward"), "reward_end": _mean(history[-window:], "reward"),
             "kl_end": _mean(history[-window:], "kl"), "kl_max_seen": max(r["kl"] for r in history),
             "kl_coef_end": kl_controller.coef, "no_eos_share_end": _mean(history[-window:], "no_eos_share"),

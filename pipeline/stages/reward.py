@@ -23,6 +23,7 @@ from pipeline.trl_common import (
     TrlTrainConfig,
     launch_facts,
     load_preference_splits,
+    metrics_jsonl_callback,
     trainer_resume_point,
     training_kwargs,
 )
@@ -140,6 +141,7 @@ def run(cfg: RewardConfig) -> dict | None:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out", STAGE)
     before = pair_metrics(trainer.model, tokenizer, eval_ds) if trainer.is_world_process_zero() else {}
+    trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.model.train(False)
 

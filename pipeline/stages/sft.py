@@ -20,15 +20,16 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import CHAT_ROLES, describe_data, load_examples, local_files
+from pipeline.data import CHAT_ROLES, describe_data, load_examples, load_reference_answers, local_files
 from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.stages.pretrain import generation_config
-from pipeline.tracking import MetricsLog, is_main_process, log
+from pipeline.tracking import is_main_process, log
 from pipeline.trl_common import (
     LoraSection,
     TrlTrainConfig,
     evaluation_at_start,
     launch_facts,
+    metrics_jsonl_callback,
     peft_config,
     save_trained_model,
     trainer_resume_point,
@@ -63,7 +64,9 @@ class SFTStageConfig:
     precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), fp32 or bf16.")
     resume: str = field("auto", "auto (newest complete checkpoint in output_dir/checkpoints), never, or a path.")
     generation_eval: DataConfig | None = field(
-        None, "Rows with `question` and `answer`: greedy exact match before and after training (None: skip)."
+        None,
+        "Rows with `question` and `answer` (or preference pairs: `prompt` + `chosen`): greedy exact match "
+        "before and after training (None: skip).",
     )
     generation_eval_max: int = field(200, "Use at most this many generation_eval rows.", ge=1)
     max_new_tokens: int = field(16, "Longest generated answer in generation_eval, in tokens.", ge=1)
@@ -231,12 +234,8 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
     try:
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
-                prompts = [
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": r["question"]}], tokenize=False, add_generation_prompt=True
-                    )
-                    for r in rows[start : start + batch_size]
-                ]
+                chats = [as_messages(r["question"]) for r in rows[start : start + batch_size]]
+                prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
                 # The rendered template already holds BOS where the model expects one.
                 batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
                 batch = batch.to(model.device)
@@ -253,13 +252,16 @@ def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
     return sum(hits) / len(hits), examples
 
 
+def as_messages(question) -> list[dict]:
+    """A question as a conversation: a message list as it is, a string as one user turn."""
+    return question if isinstance(question, list) else [{"role": "user", "content": question}]
+
+
 def load_generation_rows(cfg) -> list[dict]:
     """The `generation_eval` rows (question, answer) of a stage config that has the generation_eval keys."""
     if cfg.generation_eval is None:
         return []
-    ds = load_examples(cfg.generation_eval, required=["question", "answer"])
-    ds = ds.select(range(min(cfg.generation_eval_max, len(ds)))).select_columns(["question", "answer"])
-    return list(ds)
+    return load_reference_answers(cfg.generation_eval, cfg.generation_eval_max)
 
 
 # --- run --------------------------------------------------------------------------------------------------------
@@ -317,7 +319,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
 
     # --- train (Trainer resumes model, optimizer, scheduler and RNG state from checkpoint-N); metrics.jsonl gets
     # the training logs only, so a resumed run's file holds each step once
-    trainer.add_callback(_metrics_callback(MetricsLog(out / "metrics.jsonl", resume_step=_step_of(resume_from))))
+    trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     result = trainer.train(resume_from_checkpoint=resume_from)
     loss_before = evaluation_at_start(trainer).get("eval_loss")
     loss_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
@@ -350,22 +352,6 @@ def run(cfg: SFTStageConfig) -> dict | None:
         log(f"done: train loss {result.training_loss:.4f}{shown} -> {out / 'model'}", STAGE)
     trainer.accelerator.wait_for_everyone()
     return metrics
-
-
-def _step_of(checkpoint: str | None) -> int | None:
-    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
-
-
-def _metrics_callback(metrics: MetricsLog):
-    """metrics.jsonl gets every dict Trainer logs (loss, lr, grad norm, eval loss), one line per logging step."""
-    from transformers import TrainerCallback
-
-    class WriteMetrics(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and logs:
-                metrics.write(state.global_step, logs)
-
-    return WriteMetrics()
 
 
 def _last_logged_loss(trainer) -> float | None:
