@@ -4,8 +4,11 @@ folders, --dry-run, --from / --stages, errors before anything runs, and `llmpipe
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,12 @@ from conftest import REPO, run_cli
 
 
 def write_pipeline(
-    tmp_path: Path, corpus: Path, lr: float = 3e-3, extra_stage: dict | None = None, file: str = "pipeline.yaml"
+    tmp_path: Path,
+    corpus: Path,
+    lr: float = 3e-3,
+    extra_stage: dict | None = None,
+    file: str = "pipeline.yaml",
+    steps: int = 8,
 ) -> Path:
     """tokenizer -> pretrain (8 steps, checkpoint every 4) -> eval (demo_mc, 8 documents): a pipeline in seconds."""
     stages = [
@@ -22,7 +30,7 @@ def write_pipeline(
          "set": {"data.path": str(corpus), "vocab_size": 400}},
         {"name": "pretrain", "config": str(REPO / "configs/tiny/pretrain.yaml"),
          "set": {"tokenizer": "stage:tokenizer", "data.path": str(corpus), "model.hidden_size": 32,
-                 "model.num_layers": 1, "model.num_heads": 2, "model.max_seq_len": 64, "train.max_steps": 8,
+                 "model.num_layers": 1, "model.num_heads": 2, "model.max_seq_len": 64, "train.max_steps": steps,
                  "train.micro_batch_size": 4, "train.warmup_steps": 2, "train.lr": lr, "checkpoint_every": 4,
                  "eval_every": 4, "log_every": 2, "validation_fraction": 0.1}},
         {"name": "eval_pretrain", "stage": "eval", "config": str(REPO / "configs/tiny/eval.yaml"),
@@ -79,17 +87,37 @@ def test_runs_chains_skips_reruns_downstream_and_reports(tmp_path, small_corpus)
     assert "train.lr: 0.003 -> 0.001" in dry.stdout and "resume=never" in dry.stdout
     assert json.loads((run_dir / "pipeline.json").read_text()) == state  # a dry run changes nothing
 
-    # an unfinished stage (killed after its step-4 checkpoint) resumes; --from limits the run to the later stages
-    (run_dir / "pretrain/manifest.json").unlink()
-    shutil.rmtree(run_dir / "pretrain/checkpoints/step_0000008")
-    resumed = run_cli("run", str(pipeline), "--from", "pretrain", timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert plan_lines(resumed) == {"tokenizer": "skip", "pretrain": "resume", "eval_pretrain": "rerun"}
-    manifest = json.loads((run_dir / "pretrain/manifest.json").read_text())
-    assert manifest["metrics"]["resumed_from_step"] == 4
+    # --from limits the run to a stage and the ones after it; --force re-runs finished ones
+    forced = run_cli("run", str(pipeline), "--from", "eval_pretrain", "--force", "--dry-run")
+    assert plan_lines(forced) == {"tokenizer": "skip", "pretrain": "skip", "eval_pretrain": "rerun"}
 
     rebuilt = run_cli("report", str(run_dir))
     assert rebuilt.returncode == 0 and rebuilt.stdout.strip().endswith("report.md")
+
+
+def test_killed_run_resumes_the_interrupted_stage(tmp_path, small_corpus):
+    """SIGKILL the whole `llmpipe run` process group once pretrain has saved a checkpoint; the same command then
+    skips the tokenizer, resumes pretrain from its newest checkpoint and finishes the rest."""
+    pipeline = write_pipeline(tmp_path, small_corpus, steps=200)
+    run_dir = tmp_path / "runs" / "t"
+    command = [sys.executable, "-m", "pipeline.cli", "run", str(pipeline)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not list((run_dir / "pretrain/checkpoints").glob("step_*")) and time.time() < deadline:
+            assert process.poll() is None, "the run ended before pretrain saved a checkpoint"
+            time.sleep(0.2)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (run_dir / "pretrain/manifest.json").exists()  # killed mid-stage
+
+    again = run_cli("run", str(pipeline), timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert plan_lines(again) == {"tokenizer": "skip", "pretrain": "resume", "eval_pretrain": "run"}
+    metrics = json.loads((run_dir / "pretrain/manifest.json").read_text())["metrics"]
+    assert metrics["resumed_from_step"] and metrics["resumed_from_step"] < 200 and metrics["steps"] == 200
 
 
 def test_bad_pipeline_files_fail_before_anything_runs(tmp_path, small_corpus):
