@@ -1,0 +1,51 @@
+"""The tiny pipeline end to end (`llmpipe run configs/tiny/pipeline.yaml`, ~12 min on 2 CPU cores): every stage
+moves its metric the right way on the demo world, the report card is written, and a second run skips everything."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from conftest import REPO, run_cli
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
+    spec = yaml.safe_load((REPO / "configs/tiny/pipeline.yaml").read_text())
+    spec["runs_dir"] = str(tmp_path / "runs")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(spec))
+    run = tmp_path / "runs" / "tiny"
+
+    result = run_cli("run", str(pipeline), timeout=40 * 60)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    def metrics(stage: str) -> dict:
+        return json.loads((run / stage / "manifest.json").read_text())["metrics"]
+
+    pretrain = metrics("pretrain")
+    assert pretrain["val_loss"] < 0.5 * pretrain["val_loss_initial"]
+    five, zero = metrics("eval_pretrain"), metrics("eval_pretrain_0shot")
+    assert five["demo_qa/exact_match"] > zero["demo_qa/exact_match"]  # 5-shot > 0-shot on the base model
+    sft = metrics("sft")
+    assert sft["exact_match"] >= sft["exact_match_before"] + 0.1  # from ~0: the base model does not chat
+    assert metrics("reward")["heldout_pair_accuracy"] >= 0.9
+    dpo = metrics("dpo")
+    assert dpo["exact_match"] >= dpo["exact_match_before"]
+    assert dpo["heldout_logp_margin"] > dpo["heldout_logp_margin_before"]
+    ppo = metrics("ppo")
+    assert ppo["heldout_after"]["reward"] > ppo["heldout_before"]["reward"]  # the reward model's score rose
+    assert ppo["kl_max_seen"] < 5.0  # and the policy stayed near the sft model
+
+    report = (run / "report.md").read_text()
+    for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "eval_ppo"):
+        assert f"| {stage} |" in report
+    for png in ("training_curves.png", "eval.png", "stage_metrics.png"):
+        assert (run / png).stat().st_size > 10_000, png
+
+    started = time.time()
+    again = run_cli("run", str(pipeline))
+    assert again.returncode == 0 and "=== " not in again.stdout  # every stage skipped
+    assert time.time() - started < 60
