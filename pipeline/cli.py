@@ -123,15 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else EXIT_BAD_INPUT
     if argv[0] in COMMANDS:  # llmpipe run PIPELINE / llmpipe report RUN_DIR
         module = importlib.import_module(COMMANDS[argv[0]][0])
-        try:
-            return module.main(argv[1:])
-        except UserError as exc:
-            for problem in exc.problems:
-                print(f"llmpipe {argv[0]}: error: {problem}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except KeyboardInterrupt:
-            print(f"llmpipe {argv[0]}: interrupted; run the same command again to resume", file=sys.stderr)
-            return 130
+        resume_hint = "; run the same command again to resume"
+        return _exit_code(f"llmpipe {argv[0]}", lambda: module.main(argv[1:]), resume_hint)
     validate = argv[0] == "validate"
     if validate:
         argv = argv[1:]
@@ -141,21 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     stage = argv[0]
     if len(argv) > 1 and f"{stage} {argv[1]}" in STAGES:  # `annotate export`
         stage, argv = f"{stage} {argv[1]}", [stage, *argv[2:]]
-    prog = f"llmpipe {stage}"
+    return _exit_code(f"llmpipe {stage}", lambda: _run_stage(stage, argv, validate))
+
+
+def _exit_code(prog: str, call, interrupted_hint: str = "") -> int:
+    """Run `call` (returning an exit code or None for 0) and turn llmpipe's errors into one-line messages and exit
+    codes: a failed stage 1, bad input 2 (one line per problem, no traceback), an interrupt 130."""
     try:
-        module = _stage_module(stage)
-        args = _parser(stage, validate).parse_args(argv[1:])
-        # --key VALUE options come last so they win; JSON quoting keeps a value such as 007 a string
-        flags = [f"{k}={json.dumps(getattr(args, k))}" for k in getattr(module, "FLAGS", ()) if getattr(args, k)]
-        cfg = load_config(module.Config, args.config, args.overrides + flags)
-        _preflight(cfg)
-        if validate:
-            print(f"{args.config or 'command line'}: valid {stage} config")
-            return 0
-        try:
-            module.run(cfg)
-        finally:
-            _close_process_group()
+        return call() or 0
     except StageFailed as exc:
         print(f"{prog}: failed: {exc}", file=sys.stderr)
         return 1
@@ -164,8 +150,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted{interrupted_hint}", file=sys.stderr)
         return 130
+
+
+def _run_stage(stage: str, argv: list[str], validate: bool) -> int:
+    module = _stage_module(stage)
+    args = _parser(stage, validate).parse_args(argv[1:])
+    # --key VALUE options come last so they win; JSON quoting keeps a value such as 007 a string
+    flags = [f"{k}={json.dumps(getattr(args, k))}" for k in getattr(module, "FLAGS", ()) if getattr(args, k)]
+    cfg = load_config(module.Config, args.config, args.overrides + flags)
+    _preflight(cfg)
+    if validate:
+        print(f"{args.config or 'command line'}: valid {stage} config")
+        return 0
+    try:
+        module.run(cfg)
+    finally:
+        _close_process_group()
     return 0
 
 
