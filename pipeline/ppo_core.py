@@ -103,6 +103,15 @@ def penalise_missing_stop(scores: torch.Tensor, has_stop: torch.Tensor, penalty:
     return scores - penalty * (~has_stop).to(scores.dtype)
 
 
+def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's baseline (Ahmadian et al. 2024): `scores` holds groups of `group_size` samples of one prompt, adjacent;
+    each score minus the mean of the others in its group. It removes how easy the prompt is, which one sample per
+    prompt leaves to the critic, and it does not depend on the sample itself, so the gradient stays unbiased."""
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view(-1)
+
+
 def token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, last_index: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

@@ -40,6 +40,16 @@ def test_missing_stop_penalty_changes_only_that_score():  # A4
     assert torch.equal(ppo_core.penalise_missing_stop(scores, has_stop, None), scores)
 
 
+def test_leave_one_out_baseline_removes_each_prompts_mean():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])  # two prompts, four samples each
+    centred = ppo_core.leave_one_out(scores, 4)
+    assert centred[0].item() == pytest.approx(1 - (2 + 3 + 6) / 3)
+    assert centred[:4].sum().item() == pytest.approx(0) and centred[4:].tolist() == [0, 0, 0, 0]
+    assert centred.tolist() == pytest.approx(
+        (4 / 3 * (scores.view(2, 4) - scores.view(2, 4).mean(1, True))).view(-1).tolist()
+    )
+
+
 def test_kl_estimators():  # B2
     logprobs = torch.tensor([-1.0, -2.0])
     assert torch.equal(ppo_core.kl_estimate(logprobs, logprobs, "k1"), torch.zeros(2))
@@ -241,7 +251,8 @@ def ppo_args(out: Path, policy: Path, data: Path, *extra: str) -> list[str]:
     return [
         "ppo", "--config", PPO_YAML, f"output_dir={out}", f"init_from={policy}", "reward_model=null",
         "reward_function=ppo_rewards:contains_letter_e", "value_model=policy", f"data.path={data}", "eval_data=null",
-        "rollout.max_new_tokens=4", "rollout.missing_eos_penalty=null", "train.rollout_batch_size=32",
+        "rollout.max_new_tokens=4", "rollout.temperature=0.7", "rollout.missing_eos_penalty=null",
+        "train.rollout_batch_size=32",
         "train.micro_batch_size=16", "train.num_minibatches=2", "train.ppo_epochs=4", "train.policy_lr=1e-2",
         "train.value_lr=3e-3", "kl.coef=0.05", "kl.max=10", "sample_every=5", *extra,
     ]  # fmt: skip
@@ -312,6 +323,29 @@ def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
     assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
 
 
+@pytest.mark.parametrize("value_model", ["policy", "none"])
+def test_several_samples_per_prompt_with_the_leave_one_out_baseline(
+    tmp_path, tiny_policy, prompts, rule_reward_path, value_model
+):
+    """8 prompts x 4 samples a step, each prompt's samples together, with a critic or none (RLOO-style); the rule
+    reward still rises. The prompt file lists every prompt twice, as a preference file does: each is used once."""
+    doubled = tmp_path / "doubled.jsonl"
+    doubled.write_text(prompts.read_text() * 2)
+    out = tmp_path / "loo"
+    extra = ["rollout.samples_per_prompt=4", "train.score_baseline=loo", "train.steps=20", "checkpoint_every=20",
+             f"value_model={value_model}"]  # fmt: skip
+    result = run_cli(*ppo_args(out, tiny_policy, doubled, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = history(out)
+    for row in rows:
+        groups = [row["prompt_indices"][i : i + 4] for i in range(0, 32, 4)]
+        assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 8, row["prompt_indices"]
+    assert ("explained_variance" in rows[-1]) == (value_model != "none"), rows[-1].keys()
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["prompts"] == 192 and max(i for r in rows for i in r["prompt_indices"]) < 192
+    assert metrics["reward_end"] > metrics["reward_start"] + 0.25, (metrics["reward_start"], metrics["reward_end"])
+
+
 def test_lora_policy_reference_and_value_head_share_one_base(tmp_path, tiny_policy, prompts, rule_reward_path):
     """LoRA + value head on the policy: one frozen base; the reference is it with the adapters off (KL 0 at step 1),
     and the saved model is the merged causal LM without the head."""
@@ -346,6 +380,10 @@ def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, p
     assert "expected k1 or k3" in both.stderr
     missing = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_function=nowhere:nothing"))
     assert missing.returncode == 2 and "cannot import 'nowhere:nothing'" in missing.stderr
+    loo = run_cli(*ppo_args(out, tiny_policy, prompts, "train.score_baseline=loo"))
+    assert loo.returncode == 2 and "needs rollout.samples_per_prompt >= 2" in loo.stderr
+    uneven = run_cli(*ppo_args(out, tiny_policy, prompts, "rollout.samples_per_prompt=3", "reward_function=math:fsum"))
+    assert uneven.returncode == 2 and "not a multiple of rollout.samples_per_prompt 3" in uneven.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}])
     no_prompt = run_cli(*ppo_args(out, tiny_policy, bad, "reward_function=math:fsum"))
     assert no_prompt.returncode == 2 and "no `prompt` or `messages` column" in no_prompt.stderr

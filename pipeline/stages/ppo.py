@@ -33,6 +33,7 @@ from pipeline.ppo_core import (
     explained_variance,
     gae,
     kl_estimate,
+    leave_one_out,
     masked_mean,
     masked_whiten,
     penalise_missing_stop,
@@ -68,6 +69,11 @@ class RolloutSection:
     missing_eos_penalty: float | None = field(
         1.0, "Subtracted from the score of a response with no stop token (trl's rule); null: no penalty.", ge=0
     )
+    samples_per_prompt: int = field(
+        1,
+        "Responses sampled per prompt (rollout_batch_size counts responses; each prompt's are on one process).",
+        ge=1,
+    )
 
 
 @config
@@ -101,6 +107,11 @@ class PPOTrainConfig:
     gamma: float = field(1.0, "Discount.", ge=0, le=1)
     lam: float = field(0.95, "GAE lambda.", ge=0, le=1)
     whiten_rewards: bool = field(False, "Whiten the per-token rewards (scaled, mean kept) before GAE.")
+    score_baseline: str = field(
+        "none",
+        "none, or loo: subtract from each score the mean score of its prompt's other samples (RLOO's "
+        "baseline; needs rollout.samples_per_prompt >= 2) before the KL penalty and GAE.",
+    )
     reward_clip: float | None = field(None, "Clip scores to [-c, c] before adding the KL penalty; null: none.", gt=0)
     ratio_range: tuple[float, float] = field(
         (0.2, 5.0), "Guardrail: stop when a minibatch's mean ratio pi/pi_old leaves this range."
@@ -119,8 +130,9 @@ class PPOConfig:
     )
     value_model: str | None = field(
         None, "Critic: 'reward' (a copy of the reward model, N+), 'policy' (a copy of the policy's body + new head), "
-        "'head' (a value head on the policy itself, shared trunk) or a path; None: 'reward' with a reward model, "
-        "else 'policy'.",
+        "'head' (a value head on the policy itself, shared trunk), a path, or 'none' (no critic: each token's "
+        "advantage is its reward-to-go, V = 0 and lambda = 1, whitened; pair with train.score_baseline loo); "
+        "None: 'reward' with a reward model, else 'policy'.",
     )  # fmt: skip
     data: DataConfig = field(help="Prompts: `prompt` (string or message list) or `messages` (all but the answer).")
     eval_data: DataConfig | None = field(
@@ -154,6 +166,11 @@ class PPOConfig:
         low, high = self.train.ratio_range
         if not 0 < low < 1 < high:
             problems.append(f"train.ratio_range: got {[low, high]}, expected 0 < low < 1 < high")
+        if self.train.score_baseline not in ("none", "loo"):
+            problems.append(f"train.score_baseline: got {self.train.score_baseline!r}, expected none or loo")
+        if self.train.score_baseline == "loo" and self.rollout.samples_per_prompt < 2:
+            problems.append("train.score_baseline loo needs rollout.samples_per_prompt >= 2 (got "
+                            f"{self.rollout.samples_per_prompt})")  # fmt: skip
         if self.train.rollout_batch_size % self.train.num_minibatches:
             problems.append(f"train.rollout_batch_size {self.train.rollout_batch_size} must be a multiple of "
                             f"train.num_minibatches {self.train.num_minibatches}")  # fmt: skip
@@ -167,7 +184,8 @@ Config = PPOConfig
 
 
 def load_prompts(data: DataConfig) -> list:
-    """Prompts as message lists or strings: `prompt`, or `messages` without the final assistant turn."""
+    """Prompts as message lists or strings: `prompt`, or `messages` without the final assistant turn; each distinct
+    prompt once, in file order (a preference file repeats a prompt for every pair)."""
     ds = load_examples(data, required=[])
     if "prompt" in ds.column_names:
         prompts = list(ds["prompt"])
@@ -178,7 +196,10 @@ def load_prompts(data: DataConfig) -> list:
     for index, prompt in enumerate(prompts):
         if not prompt or not isinstance(prompt, (str, list)):
             raise UserError(f"data: {data.path}: row {index} has an empty prompt or one that is not text/messages")
-    return prompts
+    distinct: dict[str, str | list] = {}
+    for prompt in prompts:
+        distinct.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+    return list(distinct.values())
 
 
 def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig) -> dict:
@@ -246,6 +267,10 @@ def run(cfg: PPOConfig) -> dict | None:
         raise UserError(f"train.rollout_batch_size {train.rollout_batch_size} must be a multiple of processes x "
                         f"num_minibatches = {world} x {train.num_minibatches}")  # fmt: skip
     per_rank = train.rollout_batch_size // world
+    n_samples = cfg.rollout.samples_per_prompt
+    if per_rank % n_samples:
+        raise UserError(f"train.rollout_batch_size {train.rollout_batch_size} / {world} process(es) = {per_rank} "
+                        f"per process: not a multiple of rollout.samples_per_prompt {n_samples}")  # fmt: skip
     minibatch = per_rank // train.num_minibatches
     resume_from = find_resume_point(out / "checkpoints", cfg.resume)
 
@@ -269,8 +294,10 @@ def run(cfg: PPOConfig) -> dict | None:
     disable_dropout(policy)
     scorer, _ = make_scorer(cfg, device)
     value_source = cfg.value_model or ("reward" if cfg.reward_model else "policy")
-    shared = value_source == "head"
-    if shared:  # one module: DDP must see the trunk once
+    shared, no_critic = value_source == "head", value_source == "none"
+    if no_critic:
+        critic, groups = None, [[p for p in policy.parameters() if p.requires_grad], []]
+    elif shared:  # one module: DDP must see the trunk once
         policy, critic = with_value_head(policy), None
         groups = [[p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head")],
                   list(policy.value_head.parameters())]  # fmt: skip
@@ -284,8 +311,8 @@ def run(cfg: PPOConfig) -> dict | None:
         critic = make_critic(value_model)
         groups = [[p for p in policy.parameters() if p.requires_grad], list(critic.parameters())]
     lrs = [{"params": groups[0], "lr": train.policy_lr}, {"params": groups[1], "lr": train.value_lr}]
-    optimizer = torch.optim.AdamW(lrs, weight_decay=0.0, eps=1e-5)
-    if shared:
+    optimizer = torch.optim.AdamW([g for g in lrs if g["params"]], weight_decay=0.0, eps=1e-5)
+    if shared or no_critic:
         policy, optimizer = accelerator.prepare(policy, optimizer)
     else:
         policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
@@ -293,7 +320,14 @@ def run(cfg: PPOConfig) -> dict | None:
     policy.train()  # dropout is off, so train mode changes nothing but what peft/DDP expect
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log(f"{len(prompts)} prompts ({len(keep)} kept), {world} process(es) x {per_rank} per step; policy "
-        f"{trainable / 1e6:.2f}M trained, critic from {value_source}", STAGE)  # fmt: skip
+        f"{trainable / 1e6:.2f}M trained, " + ("no critic" if no_critic else f"critic from {value_source}"),
+        STAGE)  # fmt: skip
+
+    def forward(model, critic, rows):  # response logits and values (zeros without a critic)
+        if no_critic:
+            logits = policy_forward(model, batch, rows, cfg.rollout.temperature)
+            return logits, torch.zeros(logits.shape[:2], device=logits.device)
+        return forward_both(model, critic, batch, rows, cfg.rollout.temperature)
 
     def unwrapped():  # the causal LM itself, for generation, the reference pass and saving
         model = accelerator.unwrap_model(policy)
@@ -315,14 +349,14 @@ def run(cfg: PPOConfig) -> dict | None:
     resume_step = start_step if resume_from else None
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator, resume_step)
     samples_log = MetricsLog(out / "samples.jsonl", None, resume_step)
-    sampler = BlockSampler(len(prompts), train.seed, per_rank, world, 1)
+    sampler = BlockSampler(len(prompts), train.seed, per_rank // n_samples, world, 1)
     seconds = state.get("seconds", {"rollout": 0.0, "scoring": 0.0, "update": 0.0, "generated_tokens": 0})
 
     # --- train
     for step in range(start_step, train.steps):
         # --- rollout: this rank's prompts, sampled with a generator seeded by (seed, step, rank)
         t0 = time.perf_counter()
-        indices = sampler.indices(step, 0, rank).tolist()
+        indices = sampler.indices(step, 0, rank).repeat(n_samples).tolist()  # a prompt's samples adjacent
         batch_prompts = [prompts[i] for i in indices]
         torch.manual_seed(_step_seed(train.seed, step, rank))
         batch = rollout(unwrapped(), tokenizer, [prompt_ids[i] for i in indices], cfg.rollout)
@@ -333,9 +367,9 @@ def run(cfg: PPOConfig) -> dict | None:
         with torch.no_grad():
             old_logprobs, ref_logprobs, values = [], [], []
             for rows in torch.arange(per_rank).split(train.micro_batch_size):
-                logits, rollout_values = forward_both(accelerator.unwrap_model(policy), critic and
-                                                      accelerator.unwrap_model(critic), batch, rows,
-                                                      cfg.rollout.temperature)  # fmt: skip
+                logits, rollout_values = forward(
+                    accelerator.unwrap_model(policy), critic and accelerator.unwrap_model(critic), rows
+                )
                 old_logprobs.append(token_logprobs(logits, responses[rows]))
                 values.append(rollout_values)
                 if reference is None:
@@ -349,11 +383,13 @@ def run(cfg: PPOConfig) -> dict | None:
             raw_scores = torch.tensor(scorer(batch_prompts, texts), dtype=torch.float32, device=device)
             scores = raw_scores.clamp(-train.reward_clip, train.reward_clip) if train.reward_clip else raw_scores
             scores = penalise_missing_stop(scores, batch["has_stop"], cfg.rollout.missing_eos_penalty)
+            if train.score_baseline == "loo":
+                scores = leave_one_out(scores, n_samples)
             kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl.estimator) * mask
             rewards = token_rewards(scores, kl, kl_controller.coef, batch["last_index"], mask)
             if train.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = gae(rewards, values, mask, train.gamma, train.lam)
+            advantages, returns = gae(rewards, values, mask, train.gamma, 1.0 if no_critic else train.lam)
             advantages = masked_whiten(advantages, mask)
         sequence_kl = accelerator.reduce(kl.sum(1).mean(), "mean").item()
         if cfg.kl.max is not None and sequence_kl > cfg.kl.max:
@@ -370,12 +406,14 @@ def run(cfg: PPOConfig) -> dict | None:
             for part in order.split(minibatch):
                 check = torch.zeros(3, device=device)  # summed loss, mean ratio, non-finite count
                 for rows in part.split(train.micro_batch_size):
-                    logits, new_values = forward_both(policy, critic, batch, rows, cfg.rollout.temperature)
+                    logits, new_values = forward(policy, critic, rows)
                     new_logprobs = token_logprobs(logits, responses[rows])
                     pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs[rows], advantages[rows], mask[rows],
                                                     train.clip_range)  # fmt: skip
                     vf_loss, vf_stats = value_loss(new_values, values[rows], returns[rows], mask[rows],
                                                    train.value_clip_range)  # fmt: skip
+                    if no_critic:
+                        vf_loss = torch.zeros_like(vf_loss)
                     loss = (pg_loss + train.vf_coef * vf_loss) * len(rows) / len(part)  # sequence-weighted mean
                     accelerator.backward(loss)
                     with torch.no_grad():
@@ -409,6 +447,8 @@ def run(cfg: PPOConfig) -> dict | None:
             "explained_variance": torch.tensor(explained_variance(values, returns, mask)),
             **{k: torch.tensor(sum(v) / len(v)) for k, v in stats.items()},
         }  # fmt: skip
+        if no_critic:  # nothing to report on a critic that is not there
+            local = {k: v for k, v in local.items() if k not in ("explained_variance", "vf_loss", "vf_clipfrac")}
         reduced = accelerator.reduce(torch.stack([v.float().to(device) for v in local.values()]), "mean").tolist()
         row = dict(zip(local, reduced, strict=True))
         generated = int(accelerator.reduce(torch.tensor(batch["generated_tokens"], device=device), "sum"))
