@@ -185,7 +185,8 @@ def plot_before_after(headlines: list[tuple], path: Path) -> bool:
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
     for ax, (name, label, before, after, good) in zip(axes.flat, shown, strict=False):
-        bars = ax.bar(["before", "after"], [before, after], color=["#9e9e9e", "#2e7d32" if good else "#c62828"])
+        colour = "#2e7d32" if good else "#9e9e9e" if after == before else "#c62828"
+        bars = ax.bar(["before", "after"], [before, after], color=["#9e9e9e", colour])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(f"{name}\n{label}", fontsize=8)
         ax.tick_params(labelsize=8)
@@ -242,7 +243,7 @@ def build_report(run_dir: str | Path) -> Path:
     if headlines:
         lines += ["## What each stage moved", "", "| stage | metric | before | after | |", "|---|---|---|---|---|"]
         for name, label, before, after, good in headlines:
-            mark = "" if good is None else ("better" if good else "**worse**")
+            mark = "" if good is None else ("better" if good else "same" if after == before else "**worse**")
             lines.append(f"| {name} | {label} | {_fmt(before)} | {_fmt(after)} | {mark} |")
         ppo = [s for s in stages if s["kind"] == "ppo" and s["manifest"]]
         for stage in ppo:
