@@ -251,22 +251,26 @@ def near_misses(answer: str) -> list[str]:
 
 
 def wrong_answer(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> str:
-    """A plausible wrong answer: another value from the same set, a near miss, or for "which is larger" the
-    smaller number, a near miss of the larger one, or another number that is not among the two. Without the last
-    kinds a reward model learns "bigger is better" or "about this big is fine", and PPO games it (the policy
-    answered 99 or 770 to "66 or 77?", 53 to "30 or 52?")."""
+    """A plausible wrong answer: another value from the same set, a near miss, or for "which is larger" one of
+    larger_rejections."""
     if kind in ATTRS:
         return rng.choice([v for v in ATTRS[kind] if v != answer])
     if kind != "larger":
         return rng.choice(near_misses(answer))
-    roll = rng.random()
-    if roll < 0.3:
-        return str(min(key))
-    if roll < 0.6:  # a near miss of the answer: what a small model writes when it does not copy the number
-        return rng.choice([n for n in near_misses(answer) if int(n) not in key])
-    if roll < 0.8:  # any number that is not among the two, smaller or bigger
-        return str(rng.choice([n for n in range(1, 100) if n not in key]))
-    return answer + str(rng.randint(0, 9))
+    return rng.choice(larger_rejections(rng, answer, key))
+
+
+def larger_rejections(rng: random.Random, answer: str, key: tuple[int, ...]) -> list[str]:
+    """One wrong answer to "which is larger" of each kind: the smaller number; a near miss of the larger one (what a
+    small model writes when it does not copy the number); another number that is not among the two, or the answer
+    with a digit appended. Without the last kinds a reward model learns "bigger is better" or "about this big is
+    fine", and PPO games it (the policy answered 99 or 770 to "66 or 77?", 53 to "30 or 52?")."""
+    other = str(rng.choice([n for n in range(1, 100) if n not in key])) if rng.random() < 0.5 else None
+    return [
+        str(min(key)),
+        rng.choice([n for n in near_misses(answer) if int(n) not in key]),
+        other or answer + str(rng.randint(0, 9)),
+    ]
 
 
 def garbled(rng: random.Random, answer: str, others: list[str]) -> str:
@@ -409,15 +413,21 @@ def build_sft(world: World, seed: int) -> list[dict]:
     return rows
 
 
-def preference_rows(items: list[dict], rng: random.Random) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": it["q"]}],
-            "chosen": [{"role": "assistant", "content": it["a"]}],
-            "rejected": [{"role": "assistant", "content": wrong_answer(rng, it["kind"], it["a"], it["key"])}],
-        }
-        for it in items
-    ]
+def pair(question: str, chosen: str, rejected: str) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def comparison_rows(items: list[dict], rng: random.Random, every_kind: bool) -> list[dict]:
+    """Pairs for "which is larger" items: one per kind of larger_rejections (every_kind), or one of them."""
+    rows = []
+    for it in items:
+        rejected = larger_rejections(rng, it["a"], it["key"])
+        rows += [pair(it["q"], it["a"], r) for r in (rejected if every_kind else [rng.choice(rejected)])]
+    return rows
 
 
 def reserved_items(world: World, rng: random.Random, split: str, phrasings: Callable[[str], list[str]]) -> list[dict]:
@@ -443,28 +453,32 @@ EVASIVE = ["I am not sure.", "I do not know.", "I cannot say.", "Nobody knows th
 PREFERENCE_ARITH = ("larger",)
 
 
-def fact_rejections(items: list[dict], rng: random.Random) -> list[dict]:
-    """Preference rows for fact items: mostly another value of the same kind (the model must know the fact),
-    sometimes a garbled value, a value of another kind or an evasive non-answer (it must know what an answer
-    looks like)."""
+def fact_rejections(
+    items: list[dict], rng: random.Random, values: dict[str, list[str]], every_kind: bool
+) -> list[dict]:
+    """Preference rows for fact items. With every_kind (the training pairs) each question is paired six times: three
+    other values of its kind (the model must know the fact), a blend of two values of its kind ("peaver"), a blend
+    of any two values, and a value of another kind or an evasive non-answer (it must know what an answer looks
+    like). A reward model trained on one random rejection per question ranked the right value first among all of
+    its kind for 60% of questions and PPO found the holes (it wrote "peaver", "fisher" for a pet); with six, 80%+.
+    Otherwise (held-out pairs) one of those kinds per question.
+
+    Same-kind rejections are drawn from `values`, every train person's value (a common value is drawn often):
+    drawn uniformly from the set, a value held by 20 of 90 people is chosen far more often than rejected, and the
+    reward model learns to like it whoever is asked about."""
     rows = []
     for it in items:
-        roll = rng.random()
-        if roll < 0.55:
-            rejected = wrong_answer(rng, it["kind"], it["a"])
-        elif roll < 0.7:
-            rejected = garbled(rng, it["a"], [v for a in ATTRS for v in ATTRS[a] if v != it["a"]])
-        elif roll < 0.85:
-            rejected = rng.choice(ATTRS[rng.choice([a for a in ATTRS if a != it["kind"]])])
-        else:
-            rejected = rng.choice(EVASIVE)
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": it["q"]}],
-                "chosen": [{"role": "assistant", "content": it["a"]}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-            }
-        )
+        kind, answer = it["kind"], it["a"]
+        same = [v for v in ATTRS[kind] if v != answer]
+        options = [
+            *(rng.choice([v for v in values[kind] if v != answer]) for _ in range(3)),
+            garbled(rng, answer, same),
+            garbled(rng, answer, [v for a in ATTRS for v in ATTRS[a] if v != answer]),
+            rng.choice(ATTRS[rng.choice([a for a in ATTRS if a != kind])] + EVASIVE),
+        ]
+        if not every_kind:
+            options = [options[0] if rng.random() < 0.55 else rng.choice(options[3:])]
+        rows += [pair(it["q"], answer, r) for r in options]
     return rows
 
 
@@ -485,8 +499,10 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict]]:
         for key in world.pools["pref_eval"][kind]
     ]
     n_eval_facts = 300 - len(reserved)
-    train = fact_rejections(facts[n_eval_facts : n_eval_facts + 1500], rng) + preference_rows(compare, rng)
-    held_out = fact_rejections(facts[:n_eval_facts], rng) + preference_rows(reserved, rng)
+    values = {a: [getattr(p, a) for p in world.split(held_out=False)] for a in ATTRS}
+    train = fact_rejections(facts[n_eval_facts : n_eval_facts + 1500], rng, values, True)
+    train += comparison_rows(compare, rng, every_kind=True)
+    held_out = fact_rejections(facts[:n_eval_facts], rng, values, False) + comparison_rows(reserved, rng, False)
     rng.shuffle(train)
     rng.shuffle(held_out)
     return train, held_out
@@ -564,10 +580,11 @@ appear in no other file. Answers are one word or one number.
 - `sft.jsonl`: `{{"messages": [{{"role": "user", ...}}, {{"role": "assistant", ...}}]}}`; ~10% start with a system
   message, ~10% have two user/assistant turns.
 - `preference.jsonl`, `preference_eval.jsonl`: `{{"prompt": [user msg], "chosen": [assistant msg],
-  "rejected": [assistant msg]}}`, about train people and "which is larger"; rejected is another value of the same
-  kind (55% of fact rows), a garbled value ("amisher"), a value of another kind or an evasive non-answer; for
-  comparisons the smaller number, a near miss of the larger or another number that is not among the two.
-  preference_eval asks what preference never does: other phrasings of the facts, reserved comparisons.
+  "rejected": [assistant msg]}}`, about train people and "which is larger". In preference.jsonl each fact
+  question has six pairs: three other values of its kind (drawn from other people's values), two garbled values
+  ("peaver", "amisher") and a value of another kind or an evasive non-answer; each comparison three: the smaller
+  number, a near miss of the larger, another number or the answer with a digit appended. preference_eval has one
+  pair per question and asks what preference never does: other phrasings of the facts, reserved comparisons.
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
 """

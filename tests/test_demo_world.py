@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_rows_have_the_documented_keys(data: dict[str, list[dict]]) -> None:
     for name in ("preference", "preference_eval"):
         assert all(set(r) == {"prompt", "chosen", "rejected"} for r in data[name]), name
     assert all(set(r) == {"id", "kind", "question", "answer", "choices", "gold"} for r in data["eval"])
-    assert 2000 <= len(data["sft"]) <= 5000 and len(data["preference"]) == 2000
+    assert 2000 <= len(data["sft"]) <= 5000 and len(data["preference"]) == 1500 * 6 + 500 * 3
     assert len(data["preference_eval"]) == 300 and 400 <= len(data["eval"]) <= 600
     assert len({r["id"] for r in data["eval"]}) == len(data["eval"])
 
@@ -114,6 +115,33 @@ def test_preference_rows_are_one_turn_with_distinct_answers(data: dict[str, list
             assert [m["role"] for m in row["prompt"]] == ["user"]
             assert [m["role"] for m in row["chosen"]] == [m["role"] for m in row["rejected"]] == ["assistant"]
             assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
+
+
+def test_training_pairs_reject_every_kind_of_wrong_answer_and_favour_no_value(data: dict[str, list[dict]]) -> None:
+    """Each training fact question is paired six times (three values of its kind, two blends, another kind or an
+    evasive reply), each comparison three times; a value is rejected about as often as it is the answer, so a
+    reward model cannot score it by how common it is."""
+    by_prompt: dict[str, list[tuple[str, str]]] = {}
+    for row in data["preference"]:
+        by_prompt.setdefault(row["prompt"][0]["content"], []).append(
+            (row["chosen"][0]["content"], row["rejected"][0]["content"])
+        )
+    kind_of = {v: a for a, values in dw.ATTRS.items() for v in values}
+    chosen, rejected = Counter(), Counter()
+    for question, pairs in by_prompt.items():
+        answer = pairs[0][0]
+        if answer.isdigit():
+            assert len(pairs) == 3 and str(min(int(n) for n in re.findall(r"\d+", question))) in {r for _, r in pairs}
+            continue
+        same_kind = [r for _, r in pairs if kind_of.get(r) == kind_of[answer]]
+        assert len(pairs) == 6 and len(same_kind) == 3, (question, pairs)
+        assert sum(r not in kind_of for _, r in pairs) >= 2, pairs  # the blends (and maybe an evasive reply)
+        chosen[answer] += 1
+        rejected.update(same_kind)
+    for value, n in chosen.items():
+        share_chosen = n / sum(c for v, c in chosen.items() if kind_of[v] == kind_of[value])
+        share_rejected = rejected[value] / sum(c for v, c in rejected.items() if kind_of[v] == kind_of[value])
+        assert 0.5 < share_rejected / share_chosen < 2, (value, share_chosen, share_rejected)
 
 
 def test_eval_answers_sit_at_gold(data: dict[str, list[dict]]) -> None:

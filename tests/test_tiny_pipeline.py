@@ -38,6 +38,9 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     ppo = metrics("ppo")
     assert ppo["heldout_after"]["reward"] > ppo["heldout_before"]["reward"]  # the reward model's score rose
     assert ppo["kl_max_seen"] < 5.0  # and the policy stayed near the sft model
+    # and kept what sft taught: measured 0.543 -> 0.543 on 300 held-out prompts; 0.01 (3 answers) of slack for
+    # float differences between machines
+    assert ppo["heldout_after"]["exact_match"] >= ppo["heldout_before"]["exact_match"] - 0.01
 
     report = (run / "report.md").read_text()
     for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "eval_ppo"):
