@@ -263,6 +263,11 @@ def load_preference_pairs(cfg: DataConfig):
     return ds, conversational
 
 
+def prompt_key(prompt: str | list) -> str:
+    """One string per distinct prompt (text or message list), to keep each prompt once."""
+    return json.dumps(prompt, sort_keys=True)
+
+
 def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
     """Rows with a reference answer for greedy exact match: `question`/`answer` rows, or preference pairs with an
     explicit prompt (`prompt` + `chosen`: the chosen reply is the reference), as trl writes them. Returns at most
@@ -280,7 +285,7 @@ def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
     for index, (question, answer) in enumerate(pairs):
         if not question or not isinstance(question, (str, list)) or not isinstance(answer, str) or not answer:
             raise UserError(f"data: {cfg.path}: row {index}: empty or non-text question or reference answer")
-        key = json.dumps(question, sort_keys=True)
+        key = prompt_key(question)
         if key not in seen:
             seen.add(key)
             rows.append({"question": question, "answer": answer})

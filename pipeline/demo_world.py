@@ -250,16 +250,6 @@ def near_misses(answer: str) -> list[str]:
     return [str(n) for n in range(int(answer) - 3, int(answer) + 4) if n >= 0 and str(n) != answer]
 
 
-def wrong_answer(rng: random.Random, kind: str, answer: str, key: tuple[int, ...] = ()) -> str:
-    """A plausible wrong answer: another value from the same set, a near miss, or for "which is larger" one of
-    larger_rejections."""
-    if kind in ATTRS:
-        return rng.choice([v for v in ATTRS[kind] if v != answer])
-    if kind != "larger":
-        return rng.choice(near_misses(answer))
-    return rng.choice(larger_rejections(rng, answer, key))
-
-
 def larger_rejections(rng: random.Random, answer: str, key: tuple[int, ...]) -> list[str]:
     """One wrong answer to "which is larger" of each kind: the smaller number; a near miss of the larger one (what a
     small model writes when it does not copy the number); another number that is not among the two, or the answer

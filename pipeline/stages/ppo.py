@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.checkpoints import find_resume_point, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
-from pipeline.data import describe_data, load_examples, load_reference_answers
+from pipeline.data import describe_data, load_examples, load_reference_answers, prompt_key
 from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.ppo_core import (
     KLController,
@@ -198,7 +198,7 @@ def load_prompts(data: DataConfig) -> list:
             raise UserError(f"data: {data.path}: row {index} has an empty prompt or one that is not text/messages")
     distinct: dict[str, str | list] = {}
     for prompt in prompts:
-        distinct.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+        distinct.setdefault(prompt_key(prompt), prompt)
     return list(distinct.values())
 
 
@@ -398,8 +398,7 @@ def run(cfg: PPOConfig) -> dict | None:
         t2 = time.perf_counter()
 
         # --- update: ppo_epochs passes, a fresh permutation each, one optimizer step per minibatch
-        stats: dict[str, list] = {k: [] for k in ("pg_loss", "vf_loss", "entropy", "clipfrac", "approx_kl",
-                                                  "ratio", "vf_clipfrac")}  # fmt: skip
+        stats: dict[str, list] = {}  # per micro-batch: policy terms, and the critic's when there is one
         order_generator = torch.Generator().manual_seed(_step_seed(train.seed, step, rank))
         for _epoch in range(train.ppo_epochs):
             order = torch.randperm(per_rank, generator=order_generator)
@@ -410,17 +409,17 @@ def run(cfg: PPOConfig) -> dict | None:
                     new_logprobs = token_logprobs(logits, responses[rows])
                     pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs[rows], advantages[rows], mask[rows],
                                                     train.clip_range)  # fmt: skip
-                    vf_loss, vf_stats = value_loss(new_values, values[rows], returns[rows], mask[rows],
-                                                   train.value_clip_range)  # fmt: skip
-                    if no_critic:
-                        vf_loss = torch.zeros_like(vf_loss)
-                    loss = (pg_loss + train.vf_coef * vf_loss) * len(rows) / len(part)  # sequence-weighted mean
+                    loss, terms = pg_loss, {"pg_loss": pg_loss, **pg_stats}
+                    if not no_critic:
+                        vf_loss, vf_stats = value_loss(new_values, values[rows], returns[rows], mask[rows],
+                                                       train.value_clip_range)  # fmt: skip
+                        loss, terms = loss + train.vf_coef * vf_loss, {**terms, "vf_loss": vf_loss, **vf_stats}
+                    loss = loss * len(rows) / len(part)  # sequence-weighted mean
                     accelerator.backward(loss)
                     with torch.no_grad():
-                        entropy = masked_mean(entropy_from_logits(logits), mask[rows])
-                    for key, value in {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy": entropy,
-                                       **pg_stats, **vf_stats}.items():  # fmt: skip
-                        stats[key].append(float(value.detach()))
+                        terms["entropy"] = masked_mean(entropy_from_logits(logits), mask[rows])
+                    for key, value in terms.items():
+                        stats.setdefault(key, []).append(float(value.detach()))
                     check += torch.stack([loss.detach(), pg_stats["ratio"] * len(rows) / len(part),
                                           (~torch.isfinite(loss.detach())).float()])  # fmt: skip
                 check = accelerator.reduce(check, "mean")
@@ -444,11 +443,9 @@ def run(cfg: PPOConfig) -> dict | None:
             "reward": raw_scores.mean(), "reward_with_kl": (scores - kl_controller.coef * kl.sum(1)).mean(),
             "kl": kl.sum(1).mean(), "response_length": lengths.mean(),
             "no_eos_share": (~batch["has_stop"]).float().mean(),
-            "explained_variance": torch.tensor(explained_variance(values, returns, mask)),
+            **({} if no_critic else {"explained_variance": torch.tensor(explained_variance(values, returns, mask))}),
             **{k: torch.tensor(sum(v) / len(v)) for k, v in stats.items()},
         }  # fmt: skip
-        if no_critic:  # nothing to report on a critic that is not there
-            local = {k: v for k, v in local.items() if k not in ("explained_variance", "vf_loss", "vf_clipfrac")}
         reduced = accelerator.reduce(torch.stack([v.float().to(device) for v in local.values()]), "mean").tolist()
         row = dict(zip(local, reduced, strict=True))
         generated = int(accelerator.reduce(torch.tensor(batch["generated_tokens"], device=device), "sum"))
