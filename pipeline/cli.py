@@ -16,6 +16,8 @@ import importlib
 import json
 import sys
 import textwrap
+from collections.abc import Sequence
+from pathlib import Path
 
 from pipeline.config import DataConfig, StageFailed, UserError, describe_fields, load_config
 
@@ -26,6 +28,7 @@ STAGES = {
     "sft": ("pipeline.stages.sft", "supervised fine-tuning on chat data with trl, full or LoRA"),
     "reward": ("pipeline.stages.reward", "train a reward model (one score) on preference pairs with trl"),
     "dpo": ("pipeline.stages.dpo", "align a chat model on preference pairs with trl's DPO"),
+    "pairs": ("pipeline.stages.pairs", "sample a model, judge its answers by a rule, write preference pairs"),
     "ppo": ("pipeline.stages.ppo", "RLHF with PPO against a reward model or a rule reward (our Accelerate loop)"),
     "eval": ("pipeline.stages.evaluate", "few-shot evaluation (multiple choice, generation) with lm-eval's numbers"),
     "annotate": ("pipeline.annotate", "label preference pairs in the terminal, one key per judgement"),
@@ -78,16 +81,20 @@ def _parser(stage: str, validate: bool) -> argparse.ArgumentParser:
     return parser
 
 
-def _preflight(cfg) -> None:
-    """Cheap checks that need no compute: every local data path named in the config exists."""
+def _preflight(cfg, produced: Sequence[Path] = ()) -> None:
+    """Cheap checks that need no compute: every local data path named in the config exists, except those in
+    `produced` folders (a pipeline's earlier stages write them)."""
     from pipeline.data import local_files
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, DataConfig):
-            local_files(value)
+            paths = [value.path] if isinstance(value.path, str) else value.path
+            kept = [p for p in paths if not any(Path(p).is_relative_to(folder) for folder in produced)]
+            if kept:
+                local_files(dataclasses.replace(value, path=kept))
         elif dataclasses.is_dataclass(value):
-            _preflight(value)
+            _preflight(value, produced)
 
 
 def _close_process_group() -> None:

@@ -96,8 +96,11 @@ def load_examples(cfg: DataConfig, required: list[str]):
         if files is not None and fmt in ("jsonl", "json"):
             for path in files:
                 _find_json_error(path, fmt)  # raises with file:line when it finds the bad line
-        hint = "" if files is not None else " (is the name right, and is there a network connection?)"
-        raise UserError(f"data: could not load {source}{hint}: {' '.join(str(exc).split())[:500]}") from None
+        if files is not None and len(files) > 1 and not cfg.streaming:
+            ds = _load_apart(files, fmt, kwargs)  # files whose columns differ: keep the ones they share
+        else:
+            hint = "" if files is not None else " (is the name right, and is there a network connection?)"
+            raise UserError(f"data: could not load {source}{hint}: {' '.join(str(exc).split())[:500]}") from None
 
     if cfg.max_examples is not None:
         ds = ds.take(cfg.max_examples) if cfg.streaming else ds.select(range(min(cfg.max_examples, len(ds))))
@@ -105,6 +108,29 @@ def load_examples(cfg: DataConfig, required: list[str]):
     if not cfg.streaming and len(ds) == 0:
         raise UserError(f"data: {source} holds no examples")
     return ds
+
+
+def _load_apart(files: list[str], fmt: str, kwargs: dict):
+    """Files that `datasets` cannot read as one table (their columns differ, e.g. a preference file and the pairs
+    stage's output with score columns): each read alone, cut to the columns all of them have, concatenated."""
+    import datasets
+
+    parts = []
+    for path in files:
+        try:
+            parts.append(datasets.load_dataset(_BUILDERS[fmt], data_files=[path], split="train", **kwargs))
+        except Exception as exc:  # noqa: BLE001
+            raise UserError(f"data: could not load {path}: {' '.join(str(exc).split())[:500]}") from None
+    shared = [c for c in parts[0].column_names if all(c in part.column_names for part in parts)]
+    dropped = sorted({c for part in parts for c in part.column_names} - set(shared))
+    if dropped and is_main_process():
+        print(f"data: the files' columns differ; using the ones all have {shared} (not {dropped})", flush=True)
+    try:
+        return datasets.concatenate_datasets([part.select_columns(shared) for part in parts])
+    except ValueError as exc:
+        kinds = {f: str(part.select_columns(shared).features)[:200] for f, part in zip(files, parts, strict=True)}
+        raise UserError(f"data: the files hold the same columns with different types, e.g. {kinds}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None  # fmt: skip
 
 
 def _columns(ds) -> list[str]:
@@ -292,6 +318,48 @@ def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
         if len(rows) == limit:
             break
     return rows
+
+
+REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution")
+
+
+def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False) -> list[dict]:
+    """Each distinct prompt once, in file order, with its reference answer if the rows have one:
+    `[{"prompt": str or message list, "reference": str or None}]`.
+
+    Prompts: a `prompt` column, or `messages` without its final assistant turn (which is then the reference).
+    Reference: the `reference_key` column (a string, or a message list whose last assistant message counts), or
+    with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
+    `want_reference` makes a missing reference column an error naming the columns present."""
+    ds = load_examples(cfg, required=[])
+    columns = ds.column_names
+    if "prompt" in columns:
+        prompts = list(ds["prompt"])
+        references = None
+    elif "messages" in columns:
+        chats = list(ds["messages"])
+        prompts = [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in chats]
+        references = [_final_reply(m) if m and m[-1].get("role") == "assistant" else None for m in chats]
+    else:
+        raise UserError(f"data: {cfg.path} has no `prompt` or `messages` column (columns: {columns})")
+    if reference_key is not None and reference_key not in columns:
+        raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
+    key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)
+    if key is not None:
+        references = [_final_reply(v) if isinstance(v, (str, list)) else None for v in ds[key]]
+    if want_reference and references is None:
+        raise UserError(f"data: {cfg.path} has no reference answers: no `messages` and none of the columns "
+                        f"{list(REFERENCE_COLUMNS)} (columns: {columns}); set reference_key")  # fmt: skip
+    rows: dict[str, dict] = {}
+    for index, prompt in enumerate(prompts):
+        if not prompt or not isinstance(prompt, (str, list)):
+            raise UserError(f"data: {cfg.path}: row {index} has an empty prompt or one that is not text/messages")
+        reference = references[index] if references is not None else None
+        if want_reference and not reference:
+            raise UserError(f"data: {cfg.path}: row {index} has no reference answer"
+                            + (f" in column {key!r}" if key else ""))  # fmt: skip
+        rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
+    return list(rows.values())
 
 
 def _final_reply(chosen) -> str:

@@ -6,7 +6,7 @@
     llmpipe run configs/tiny/pipeline.yaml --stages reward,dpo --force    # re-run these two even if finished
 
 A pipeline file names the run and lists stages; each stage is a stage config plus overrides, and an override
-value `stage:<name>` is the folder of an earlier stage:
+value `stage:<name>` is the folder of an earlier stage (`stage:<name>/file` a file in it, also inside a list):
 
     name: tiny                        # folders go to <runs_dir>/<name>/<stage name>/
     runs_dir: runs                    # default runs
@@ -51,7 +51,7 @@ from pipeline.config import UserError, load_config
 
 REF = "stage:"
 # Stages a pipeline may hold: the ones that read and write artifact folders (annotate needs a person).
-PIPELINE_STAGES = ("tokenizer", "pretrain", "sft", "reward", "dpo", "ppo", "eval")
+PIPELINE_STAGES = ("tokenizer", "pretrain", "sft", "pairs", "reward", "dpo", "ppo", "eval")
 STATE_FILE = "pipeline.json"
 
 
@@ -135,14 +135,13 @@ def load_pipeline(path: str | Path) -> Pipeline:
             problems.append(f"{where}: set: expected a mapping of config keys to values")
             settings = {}
         for key, value in settings.items():
-            if isinstance(value, str) and value.startswith(REF):
-                ref = value[len(REF) :]
-                if not any(s.name == ref for s in stages):
-                    known = ", ".join(s.name for s in stages) or "none"
-                    problems.append(f"{where}: set.{key}: {value!r} names no earlier stage (earlier: {known})")
-                    continue
-                needs.append(ref)
-                value = str(run_dir / ref)
+            unknown = [r for r in _references(value) if r.split("/")[0] not in {s.name for s in stages}]
+            if unknown:
+                known = ", ".join(s.name for s in stages) or "none"
+                problems.append(f"{where}: set.{key}: {REF + unknown[0]!r} names no earlier stage (earlier: {known})")
+                continue
+            needs += [r.split("/")[0] for r in _references(value) if r.split("/")[0] not in needs]
+            value = _resolve(value, run_dir)
             overrides.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
         output_dir = run_dir / entry["name"]
         overrides.append(f"output_dir={output_dir}")
@@ -150,13 +149,28 @@ def load_pipeline(path: str | Path) -> Pipeline:
         try:
             module = _stage_module(kind)
             stage.cfg = load_config(module.Config, config, overrides)
-            _preflight(stage.cfg)
+            _preflight(stage.cfg, produced=[run_dir / n for n in needs])  # earlier stages write those files
         except UserError as exc:
             problems += [f"{where}: {p}" for p in exc.problems]
         stages.append(stage)
     if problems:
         raise UserError(problems)
     return Pipeline(path, name, run_dir, stages)
+
+
+def _references(value) -> list[str]:
+    """The `stage:NAME` or `stage:NAME/path/in/its/folder` references in a set value (a string or a list)."""
+    values = value if isinstance(value, list) else [value]
+    return [v[len(REF) :] for v in values if isinstance(v, str) and v.startswith(REF)]
+
+
+def _resolve(value, run_dir: Path):
+    """A set value with each stage reference replaced by the path under run_dir."""
+    if isinstance(value, list):
+        return [_resolve(v, run_dir) for v in value]
+    if isinstance(value, str) and value.startswith(REF):
+        return str(run_dir / value[len(REF) :])
+    return value
 
 
 # --- the plan -----------------------------------------------------------------------------------------------------

@@ -107,16 +107,15 @@ def disable_dropout(model) -> None:
 # --- rewards -----------------------------------------------------------------------------------------------------
 
 
-def load_reward_function(path: str):
+def load_reward_function(path: str, key: str = "reward_function"):
+    """The function a 'package.module:function' config value names; errors name the config key."""
     module_name, _, name = path.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise UserError(
-            f"reward_function: cannot import {path!r} ({exc}); expected 'package.module:function'"
-        ) from None
+        raise UserError(f"{key}: cannot import {path!r} ({exc}); expected 'package.module:function'") from None
     if not callable(function):
-        raise UserError(f"reward_function: {path!r} is not callable")
+        raise UserError(f"{key}: {path!r} is not callable")
     return function
 
 

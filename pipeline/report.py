@@ -245,11 +245,15 @@ def build_report(run_dir: str | Path) -> Path:
         for name, label, before, after, good in headlines:
             mark = "" if good is None else ("better" if good else "same" if after == before else "**worse**")
             lines.append(f"| {name} | {label} | {_fmt(before)} | {_fmt(after)} | {mark} |")
-        ppo = [s for s in stages if s["kind"] == "ppo" and s["manifest"]]
-        for stage in ppo:
+        for stage in (s for s in stages if s["kind"] == "ppo" and s["manifest"]):
             m = stage["manifest"]["metrics"]
             lines.append(f"\n{stage['name']}: KL to the reference at the end {_fmt(m.get('kl_end'))} nats "
                          f"(highest seen {_fmt(m.get('kl_max_seen'))}).")  # fmt: skip
+        for stage in (s for s in stages if s["kind"] == "pairs" and s["manifest"]):
+            m = stage["manifest"]["metrics"]
+            lines.append(f"\n{stage['name']}: {m.get('samples')} sampled answers to {m.get('prompts')} prompts, "
+                         f"mean judge score {_fmt(m.get('mean_score'))} (best of the samples per prompt "
+                         f"{_fmt(m.get('best_of_n_mean_score'))}); {m.get('pairs')} preference pairs.")  # fmt: skip
         lines.append("")
         if plot_before_after(headlines, run_dir / "stage_metrics.png"):
             lines += ["![stage metrics](stage_metrics.png)", ""]

@@ -155,3 +155,37 @@ def test_tiny_and_real_pipeline_files_plan_offline():
         result = run_cli("run", str(path.relative_to(REPO)), "--dry-run", "--force")
         assert result.returncode == 0, f"{path}: {result.stderr[-2000:]}"
         assert "pipeline.cli" in result.stdout
+
+
+def test_a_reference_names_a_file_in_an_earlier_stage_inside_a_list(tmp_path):
+    """`data.path: [fixed.jsonl, "stage:pairs/pairs.jsonl"]`: resolved, recorded as a dependency, and not checked
+    for existence before the run (the pairs stage writes it); a missing file elsewhere is still refused."""
+    from pipeline.config import UserError
+    from pipeline.orchestrate import load_pipeline
+
+    fixed = str(REPO / "data/demo/preference.jsonl")
+
+    def pipeline(paths: list[str]) -> Path:
+        stages = [
+            {"name": "pairs", "config": str(REPO / "configs/tiny/pairs.yaml"),
+             "set": {"model": "some/model", "data.path": fixed}},
+            {"name": "reward", "config": str(REPO / "configs/tiny/reward.yaml"),
+             "set": {"init_from": "some/model", "data.path": paths}},
+        ]  # fmt: skip
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({"name": "t", "runs_dir": str(tmp_path / "runs"), "stages": stages}))
+        return path
+
+    reward = load_pipeline(pipeline([fixed, "stage:pairs/pairs.jsonl"])).stages[1]
+    assert reward.needs == ["pairs"]
+    assert reward.cfg.data.path == [fixed, str(tmp_path / "runs/t/pairs/pairs.jsonl")]
+    try:
+        load_pipeline(pipeline([str(tmp_path / "missing.jsonl"), "stage:pairs/pairs.jsonl"]))
+        raise AssertionError("a missing data file was not refused")
+    except UserError as exc:
+        assert "missing.jsonl" in str(exc) and "pairs.jsonl" not in str(exc), str(exc)
+    try:
+        load_pipeline(pipeline([fixed, "stage:pairz/pairs.jsonl"]))
+        raise AssertionError("a reference to no stage was not refused")
+    except UserError as exc:
+        assert "'stage:pairz/pairs.jsonl' names no earlier stage" in str(exc), str(exc)

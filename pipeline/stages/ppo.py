@@ -25,7 +25,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.checkpoints import find_resume_point, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
-from pipeline.data import describe_data, load_examples, load_reference_answers, prompt_key
+from pipeline.data import describe_data, load_prompt_rows, load_reference_answers
 from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from pipeline.ppo_core import (
     KLController,
@@ -186,20 +186,7 @@ Config = PPOConfig
 def load_prompts(data: DataConfig) -> list:
     """Prompts as message lists or strings: `prompt`, or `messages` without the final assistant turn; each distinct
     prompt once, in file order (a preference file repeats a prompt for every pair)."""
-    ds = load_examples(data, required=[])
-    if "prompt" in ds.column_names:
-        prompts = list(ds["prompt"])
-    elif "messages" in ds.column_names:
-        prompts = [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in ds["messages"]]
-    else:
-        raise UserError(f"data: {data.path} has no `prompt` or `messages` column (columns: {ds.column_names})")
-    for index, prompt in enumerate(prompts):
-        if not prompt or not isinstance(prompt, (str, list)):
-            raise UserError(f"data: {data.path}: row {index} has an empty prompt or one that is not text/messages")
-    distinct: dict[str, str | list] = {}
-    for prompt in prompts:
-        distinct.setdefault(prompt_key(prompt), prompt)
-    return list(distinct.values())
+    return [row["prompt"] for row in load_prompt_rows(data)]
 
 
 def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig) -> dict:
