@@ -1,4 +1,4 @@
-"""The tiny pipeline end to end (`llmpipe run configs/tiny/pipeline.yaml`, ~12 min on 2 CPU cores): every stage
+"""The tiny pipeline end to end (`llmpipe run configs/tiny/pipeline.yaml`, ~11 min on 2 CPU cores): every stage
 moves its metric the right way on the demo world, the report card is written, and a second run skips everything."""
 
 from __future__ import annotations
@@ -35,15 +35,18 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     dpo = metrics("dpo")
     assert dpo["exact_match"] >= dpo["exact_match_before"]
     assert dpo["heldout_logp_margin"] > dpo["heldout_logp_margin_before"]
+    pairs = metrics("pairs")
+    assert pairs["pairs"] > 5000 and 0 < pairs["mean_score"] < pairs["best_of_n_mean_score"]
     ppo = metrics("ppo")
     assert ppo["heldout_after"]["reward"] > ppo["heldout_before"]["reward"]  # the reward model's score rose
-    assert ppo["kl_max_seen"] < 5.0  # and the policy stayed near the sft model
-    # and kept what sft taught: measured 0.543 -> 0.543 on 300 held-out prompts; 0.01 (3 answers) of slack for
-    # float differences between machines
-    assert ppo["heldout_after"]["exact_match"] >= ppo["heldout_before"]["exact_match"] - 0.01
+    # and exact match with it, against a reward model that has seen the sft model's own mistakes rejected:
+    # measured 0.543 -> 0.593 here (seeds 1 and 2 of the same chain: 0.590, 0.610); 0.02 (6 of 300 answers) above
+    # sft is the least this test takes
+    assert ppo["heldout_after"]["exact_match"] >= ppo["heldout_before"]["exact_match"] + 0.02
+    assert ppo["kl_end"] < 3.0 and ppo["kl_max_seen"] < 10.0  # KL bounded: the guardrail (kl.max) never fired
 
     report = (run / "report.md").read_text()
-    for stage in ("pretrain", "sft", "reward", "dpo", "ppo", "eval_ppo"):
+    for stage in ("pretrain", "sft", "pairs", "reward", "dpo", "ppo", "eval_ppo"):
         assert f"| {stage} |" in report
     for png in ("training_curves.png", "eval.png", "stage_metrics.png"):
         assert (run / png).stat().st_size > 10_000, png
