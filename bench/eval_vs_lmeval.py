@@ -3,12 +3,12 @@
     pip install -e ".[bench]"        # lm-eval; this script installs nothing
     python bench/eval_vs_lmeval.py [--model runs/tiny/pretrain] [--task demo_mc_train] [--num-fewshot 5]
 
-Both sides evaluate the same task file (lm-eval's copy is written by pipeline.eval_tasks.lmeval_task_config, with
-the data as local files), on the same model folder, fp32, with the same thread count, in this one process. Each
-side is timed on the wall clock from the call to the result: task and data loading, model loading, scoring
-(lm-eval's TaskManager indexes only the one task: its built-in task index would add ~10 s). CPU seconds of
-the process are reported too: on a shared machine they move less than wall time. Sides alternate
-which goes first over --trials; the best time of each is kept. Scores must agree, or the ratio means nothing.
+Both sides evaluate the same task file (lm-eval's copy is written by pipeline.evaluation.lmeval.lmeval_task_config,
+with the data as local files), on the same model folder, fp32, with the same thread count, in this one process.
+Each side is timed on the wall clock from the call to the result: task and data loading, model loading, scoring
+(lm-eval's TaskManager indexes only the one task: its built-in task index would add ~10 s). CPU seconds of the
+process are reported too: on a shared machine they move less than wall time. Sides alternate which goes first over
+--trials; the best time of each is kept. Scores must agree, or the ratio means nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.eval_tasks import find_tasks, lmeval_task_config  # noqa: E402
+from pipeline.evaluation.lmeval import lmeval_task_config  # noqa: E402
+from pipeline.evaluation.tasks import find_tasks  # noqa: E402
 from pipeline.modeling import resolve_model_path  # noqa: E402
 from pipeline.stages import evaluate  # noqa: E402
 

@@ -25,10 +25,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.generation import encode_prompts, generation_config, rollout  # noqa: E402
 from pipeline.modeling import load_tokenizer, resolve_model_path  # noqa: E402
-from pipeline.ppo_rollout import encode_prompts, rollout  # noqa: E402
 from pipeline.stages import ppo  # noqa: E402
-from pipeline.stages.pretrain import generation_config  # noqa: E402
 
 
 def bare_generate(model, tokenizer, prompt_ids: list[list[int]], settings) -> int:
@@ -61,7 +60,9 @@ def rollout_speed(args) -> dict:
             torch.manual_seed(trial)
             start = time.perf_counter()
             if side == "ours":
-                n = rollout(model, tokenizer, prompt_ids, settings)["generated_tokens"]
+                batch = rollout(model, tokenizer, prompt_ids, settings.max_new_tokens, settings.temperature,
+                                settings.top_p)  # fmt: skip
+                n = batch["generated_tokens"]
             else:
                 n = bare_generate(model, tokenizer, prompt_ids, settings)
             seconds = time.perf_counter() - start

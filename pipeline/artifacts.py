@@ -163,23 +163,28 @@ RESUMABLE_CHANGES = {
 }  # fmt: skip
 
 
-def check_resume_config(output_dir: str | Path, cfg: Any) -> None:
-    """Refuse to resume checkpoints that another configuration wrote (they would be silently continued with the
-    new data, rates or model: a run that matches neither config). Compares with output_dir/config.yaml."""
+def config_changes(output_dir: str | Path, cfg: Any) -> list[tuple[str, Any, Any]] | None:
+    """(dotted key, saved value, new value) for every key where `cfg` differs from output_dir/config.yaml, compared
+    through YAML as config.yaml was written (a tuple becomes a list); None when there is no readable config.yaml."""
     import yaml
 
     saved = Path(output_dir) / CONFIG
     if not saved.is_file():
-        return
+        return None
     try:
         old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError:
-        return
-    new = _flatten(yaml.safe_load(dump_yaml(cfg)))  # through YAML as config.yaml went: tuples become lists
-    keys = sorted(old.keys() | new.keys())
-    changed = [k for k in keys if old.get(k) != new.get(k) and k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
+        return None
+    new = _flatten(yaml.safe_load(dump_yaml(cfg)))
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+
+def check_resume_config(output_dir: str | Path, cfg: Any) -> None:
+    """Refuse to resume checkpoints that another configuration wrote (they would be silently continued with the
+    new data, rates or model: a run that matches neither config). Compares with output_dir/config.yaml."""
+    changed = [c for c in config_changes(output_dir, cfg) or [] if c[0].rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
     if changed:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:6])
         more = ", ..." if len(changed) > 6 else ""
         raise UserError(
             f"{output_dir} holds checkpoints of a run with another config ({shown}{more}); "

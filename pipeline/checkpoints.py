@@ -32,6 +32,15 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def stopped_message(folder: str | Path, step: int, what: str, advice: str) -> str:
+    """Why a training loop stopped at `step` (0-based) without saving it, and that its last good checkpoint is
+    intact, so the same command resumes from it after the advice is taken."""
+    kept = list_checkpoints(folder)
+    where = f"the last good checkpoint, {kept[-1]}, is intact" if kept else "no checkpoint had been saved yet"
+    return (f"step {step + 1}: {what}; stopped without saving this step. {where}. {advice}, then run again "
+            "(resume: auto continues from it).")  # fmt: skip
+
+
 def find_resume_point(folder: str | Path, resume: str) -> Path | None:
     """The checkpoint to resume from: `auto` -> newest complete one (or None), `never` -> None, else a path."""
     if resume == "never":

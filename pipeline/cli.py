@@ -10,16 +10,14 @@ Bad input (config, data, artifact folders) prints one line per problem and exits
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import importlib
 import json
 import sys
 import textwrap
-from collections.abc import Sequence
-from pathlib import Path
 
-from pipeline.config import DataConfig, StageFailed, UserError, describe_fields, load_config
+from pipeline.config import StageFailed, UserError, describe_fields, load_config
+from pipeline.data import check_data_paths
 
 # stage name -> (module, one-line summary)
 STAGES = {
@@ -31,9 +29,9 @@ STAGES = {
     "pairs": ("pipeline.stages.pairs", "sample a model, judge its answers by a rule, write preference pairs"),
     "ppo": ("pipeline.stages.ppo", "RLHF with PPO against a reward model or a rule reward (our Accelerate loop)"),
     "eval": ("pipeline.stages.evaluate", "few-shot evaluation (multiple choice, generation) with lm-eval's numbers"),
-    "annotate": ("pipeline.annotate", "label preference pairs in the terminal, one key per judgement"),
-    "annotate export": ("pipeline.annotate_export", "write the labels as preference pairs for reward and dpo"),
-    "annotate stats": ("pipeline.annotate_stats", "labels per annotator, agreement (kappa), position bias"),
+    "annotate": ("pipeline.stages.annotate", "label preference pairs in the terminal, one key per judgement"),
+    "annotate export": ("pipeline.stages.annotate_export", "write the labels as preference pairs for reward and dpo"),
+    "annotate stats": ("pipeline.stages.annotate_stats", "labels per annotator, agreement (kappa), position bias"),
 }
 # commands over several stages -> (module with main(argv), one-line summary)
 COMMANDS = {
@@ -43,7 +41,7 @@ COMMANDS = {
 EXIT_BAD_INPUT = 2
 
 
-def _stage_module(name: str):
+def stage_module(name: str):
     if name not in STAGES:
         hint = difflib.get_close_matches(name, list(STAGES), n=1)
         raise UserError(
@@ -66,7 +64,7 @@ def _fields_help(config_cls: type) -> str:
 
 
 def _parser(stage: str, validate: bool) -> argparse.ArgumentParser:
-    module = _stage_module(stage)
+    module = stage_module(stage)
     prog = f"llmpipe {'validate ' if validate else ''}{stage}"
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -79,22 +77,6 @@ def _parser(stage: str, validate: bool) -> argparse.ArgumentParser:
         parser.add_argument(f"--{key}", metavar=key.upper(), help=f"same as {key}=... (config keys below)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. train.lr=3e-4")
     return parser
-
-
-def _preflight(cfg, produced: Sequence[Path] = ()) -> None:
-    """Cheap checks that need no compute: every local data path named in the config exists, except those in
-    `produced` folders (a pipeline's earlier stages write them)."""
-    from pipeline.data import local_files
-
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, DataConfig):
-            paths = [value.path] if isinstance(value.path, str) else value.path
-            kept = [p for p in paths if not any(Path(p).is_relative_to(folder) for folder in produced)]
-            if kept:
-                local_files(dataclasses.replace(value, path=kept))
-        elif dataclasses.is_dataclass(value):
-            _preflight(value, produced)
 
 
 def _close_process_group() -> None:
@@ -162,12 +144,12 @@ def _exit_code(prog: str, call, interrupted_hint: str = "") -> int:
 
 
 def _run_stage(stage: str, argv: list[str], validate: bool) -> int:
-    module = _stage_module(stage)
+    module = stage_module(stage)
     args = _parser(stage, validate).parse_args(argv[1:])
     # --key VALUE options come last so they win; JSON quoting keeps a value such as 007 a string
     flags = [f"{k}={json.dumps(getattr(args, k))}" for k in getattr(module, "FLAGS", ()) if getattr(args, k)]
     cfg = load_config(module.Config, args.config, args.overrides + flags)
-    _preflight(cfg)
+    check_data_paths(cfg)
     if validate:
         print(f"{args.config or 'command line'}: valid {stage} config")
         return 0

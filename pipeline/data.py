@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import DataConfig, UserError
-from pipeline.tracking import is_main_process
+from pipeline.distributed import is_main_process
 
 _EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 # `datasets` builder name for each format: JSON Lines and JSON arrays share one builder.
@@ -49,6 +49,22 @@ def local_files(cfg: DataConfig) -> list[str] | None:
         else:
             return None  # "org/name" with no such local path: a hub dataset
     return files
+
+
+def check_data_paths(cfg, produced: list[Path] = ()) -> None:
+    """Cheap checks that need no compute: every local data path named in a config (any section, at any depth)
+    exists, except those inside `produced` folders (a pipeline's earlier stages write them)."""
+    import dataclasses
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, DataConfig):
+            paths = [value.path] if isinstance(value.path, str) else value.path
+            kept = [p for p in paths if not any(Path(p).is_relative_to(folder) for folder in produced)]
+            if kept:
+                local_files(dataclasses.replace(value, path=kept))
+        elif dataclasses.is_dataclass(value):
+            check_data_paths(value, produced)
 
 
 def file_format(cfg: DataConfig, files: list[str]) -> str:
@@ -177,15 +193,30 @@ def _find_json_error(path: str, fmt: str) -> None:
                 if bad:
                     raise UserError(f"{path}: element {bad[0]} of the JSON array is not an object")
                 return
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    problems: list[str] = []
+    for _ in jsonl_objects(path, problems):
+        if problems:
+            break
+    if problems:
+        raise UserError(problems[0])
+
+
+def jsonl_objects(path: str | Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each line of a JSON Lines file; a line that is no JSON object goes to `problems`
+    as 'file:line: ...', and reading goes on (so a caller can report every bad line at once)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, text in enumerate(f, 1):
+            if not text.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})") from None
+                problems.append(f"{path}:{lineno}: malformed JSON line: {exc.msg} (column {exc.colno})")
+                continue
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                problems.append(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                continue
+            yield lineno, row
 
 
 # --- text iteration, tokenization and packing -------------------------------------------------------------------
@@ -257,114 +288,14 @@ def describe_data(data: DataConfig) -> dict:
     return describe_input(files) if files is not None else {"hub": data.path, "revision": data.revision}
 
 
-# --- preference pairs -------------------------------------------------------------------------------------------
+def stage_inputs(cfg, *keys: str) -> dict:
+    """The manifest's `inputs`: for each config key that is set, a data section's describe_data or a model/folder
+    path's content hashes (artifacts.describe_input), in the order given."""
+    from pipeline.artifacts import describe_input
 
-CHAT_ROLES = ("system", "user", "assistant")
-
-
-def load_preference_pairs(cfg: DataConfig):
-    """Pairs in trl's preference formats (explicit or implicit prompt, strings or message lists), checked row by
-    row before any training: returns (dataset with prompt?/chosen/rejected, is_conversational)."""
-    ds = load_examples(cfg, required=["chosen", "rejected"])
-    ds = ds.select_columns([c for c in ("prompt", "chosen", "rejected") if c in ds.column_names])
-    source = str(cfg.path)
-    conversational = isinstance(ds[0]["chosen"], list)
-    keys = ("prompt", "chosen", "rejected") if "prompt" in ds.column_names else ("chosen", "rejected")
-    for i, row in enumerate(ds):
-        for key in keys:
-            value = row.get(key)
-            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
-                raise UserError(f"{source}: row {i}: {key!r} is missing or empty")
-            if conversational != isinstance(value, list):
-                raise UserError(f"{source}: row {i}: {key!r} mixes message lists and plain strings")
-            if conversational:
-                for message in value:
-                    role = message.get("role") if isinstance(message, dict) else message
-                    if role not in CHAT_ROLES:
-                        raise UserError(f"{source}: row {i}: {key!r} has role {role!r}; expected {CHAT_ROLES}")
-                    if not isinstance(message.get("content"), str):
-                        raise UserError(f"{source}: row {i}: {key!r} has a message without text content")
-        if row["chosen"] == row["rejected"]:
-            raise UserError(f"{source}: row {i}: chosen and rejected are identical")
-    return ds, conversational
-
-
-def prompt_key(prompt: str | list) -> str:
-    """One string per distinct prompt (text or message list), to keep each prompt once."""
-    return json.dumps(prompt, sort_keys=True)
-
-
-def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
-    """Rows with a reference answer for greedy exact match: `question`/`answer` rows, or preference pairs with an
-    explicit prompt (`prompt` + `chosen`: the chosen reply is the reference), as trl writes them. Returns at most
-    `limit` rows `{"question": str or message list, "answer": str}`, one per distinct question, in file order."""
-    ds = load_examples(cfg, required=[])
-    columns = ds.column_names
-    if {"question", "answer"} <= set(columns):
-        pairs = ((row["question"], row["answer"]) for row in ds.select_columns(["question", "answer"]))
-    elif {"prompt", "chosen"} <= set(columns):
-        pairs = ((row["prompt"], _final_reply(row["chosen"])) for row in ds.select_columns(["prompt", "chosen"]))
-    else:
-        raise UserError(f"data: {cfg.path} needs `question` and `answer` columns, or `prompt` and `chosen` "
-                        f"(a preference file); it has {columns}")  # fmt: skip
-    rows, seen = [], set()
-    for index, (question, answer) in enumerate(pairs):
-        if not question or not isinstance(question, (str, list)) or not isinstance(answer, str) or not answer:
-            raise UserError(f"data: {cfg.path}: row {index}: empty or non-text question or reference answer")
-        key = prompt_key(question)
-        if key not in seen:
-            seen.add(key)
-            rows.append({"question": question, "answer": answer})
-        if len(rows) == limit:
-            break
-    return rows
-
-
-REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution")
-
-
-def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False) -> list[dict]:
-    """Each distinct prompt once, in file order, with its reference answer if the rows have one:
-    `[{"prompt": str or message list, "reference": str or None}]`.
-
-    Prompts: a `prompt` column, or `messages` without its final assistant turn (which is then the reference).
-    Reference: the `reference_key` column (a string, or a message list whose last assistant message counts), or
-    with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
-    `want_reference` makes a missing reference column an error naming the columns present."""
-    ds = load_examples(cfg, required=[])
-    columns = ds.column_names
-    if "prompt" in columns:
-        prompts = list(ds["prompt"])
-        references = None
-    elif "messages" in columns:
-        chats = list(ds["messages"])
-        prompts = [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in chats]
-        references = [_final_reply(m) if m and m[-1].get("role") == "assistant" else None for m in chats]
-    else:
-        raise UserError(f"data: {cfg.path} has no `prompt` or `messages` column (columns: {columns})")
-    if reference_key is not None and reference_key not in columns:
-        raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
-    key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)
-    if key is not None:
-        references = [_final_reply(v) if isinstance(v, (str, list)) else None for v in ds[key]]
-    if want_reference and references is None:
-        raise UserError(f"data: {cfg.path} has no reference answers: no `messages` and none of the columns "
-                        f"{list(REFERENCE_COLUMNS)} (columns: {columns}); set reference_key")  # fmt: skip
-    rows: dict[str, dict] = {}
-    for index, prompt in enumerate(prompts):
-        if not prompt or not isinstance(prompt, (str, list)):
-            raise UserError(f"data: {cfg.path}: row {index} has an empty prompt or one that is not text/messages")
-        reference = references[index] if references is not None else None
-        if want_reference and not reference:
-            raise UserError(f"data: {cfg.path}: row {index} has no reference answer"
-                            + (f" in column {key!r}" if key else ""))  # fmt: skip
-        rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
-    return list(rows.values())
-
-
-def _final_reply(chosen) -> str:
-    """The text of a chosen reply: a string, or the last assistant message of a message list."""
-    if isinstance(chosen, str):
-        return chosen
-    replies = [m.get("content") for m in chosen if isinstance(m, dict) and m.get("role") == "assistant"]
-    return replies[-1] if replies and isinstance(replies[-1], str) else ""
+    inputs = {}
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None:
+            inputs[key] = describe_data(value) if isinstance(value, DataConfig) else describe_input(value)
+    return inputs

@@ -1,4 +1,4 @@
-"""Models: build a Llama-style decoder from size fields, or load any causal LM; count parameters and FLOPs.
+"""Models: build a Llama-style decoder from size fields, or load any causal LM and tokenizer; LoRA; parameters, FLOPs.
 
 A from-scratch model takes its vocabulary and special-token ids from a tokenizer artifact, so the two always agree.
 Loading is safe by default: safetensors only, `trust_remote_code` off unless the config turns it on.
@@ -94,13 +94,25 @@ def resolve_tokenizer_path(path: str) -> str:
     return path
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, pad_with_eos: bool = False):
+    """AutoTokenizer of a tokenizer/model folder or hub name. `pad_with_eos`: a tokenizer without a pad token pads
+    with EOS (batched scoring and training need one; the attention mask hides it)."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_tokenizer_path(path), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"tokenizer: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+    if pad_with_eos and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_and_tokenizer(model: str, tokenizer: str | None, trust_remote_code: bool, pad_with_eos: bool = False):
+    """(model path, tokenizer) for a stage's model key: an artifact folder stands for its model/, and the tokenizer
+    is the `tokenizer` key's if set, else the model's own (load_tokenizer; `pad_with_eos` as there)."""
+    path = resolve_model_path(model)
+    return path, load_tokenizer(tokenizer or path, trust_remote_code, pad_with_eos)
 
 
 def load_pretrained(auto_class, path: str, trust_remote_code: bool = False, key: str = "init_from", **kwargs):
@@ -113,6 +125,44 @@ def load_pretrained(auto_class, path: str, trust_remote_code: bool = False, key:
         return auto_class.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{key}: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
+
+
+@config
+class LoraSection:
+    enabled: bool = field(False, "Train LoRA adapters (peft) instead of all weights.")
+    r: int = field(16, "Adapter rank.", ge=1)
+    alpha: int = field(32, "Adapter scaling numerator (scale = alpha / r).", ge=1)
+    dropout: float = field(0.05, "Dropout on the adapter input.", ge=0.0, lt=1.0)
+    target_modules: str | list[str] = field(
+        "all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names."
+    )
+    merge: bool = field(True, "Merge the adapters into the saved model (loads without peft); else save adapters.")
+
+
+def peft_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
+    """The peft LoraConfig for a LoraSection, or None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=task_type)  # fmt: skip
+
+
+def save_model(
+    model, tokenizer, folder: Path, merge: bool = False, generation: bool = True, state_dict: dict | None = None
+) -> None:
+    """save_pretrained (safetensors) of a trained model (unwrapped), its tokenizer and, for a model that writes,
+    the generation config (stop at EOS and end-of-turn); LoRA adapters merged into the weights when asked.
+    `state_dict`: the weights gathered from every rank (accelerator.get_state_dict) where they are sharded."""
+    if merge and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    if generation:
+        from pipeline.generation import generation_config
+
+        generation_config(tokenizer).save_pretrained(folder)
 
 
 def model_context_length(cfg: ModelConfig) -> int:

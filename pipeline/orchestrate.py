@@ -46,8 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import CONFIG, MANIFEST, _flatten, atomic_write_text, content_hash, dump_yaml
+from pipeline.artifacts import CONFIG, MANIFEST, atomic_write_text, config_changes, content_hash
 from pipeline.config import UserError, load_config
+from pipeline.data import check_data_paths
 
 REF = "stage:"
 # Stages a pipeline may hold: the ones that read and write artifact folders (annotate needs a person).
@@ -84,7 +85,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     """Parse and check a pipeline file and every stage config it names; all problems at once, as a UserError."""
     import yaml
 
-    from pipeline.cli import _preflight, _stage_module
+    from pipeline.cli import stage_module
 
     path = Path(path)
     try:
@@ -147,9 +148,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
         overrides.append(f"output_dir={output_dir}")
         stage = Stage(entry["name"], kind, config, overrides, launch, needs, output_dir)
         try:
-            module = _stage_module(kind)
+            module = stage_module(kind)
             stage.cfg = load_config(module.Config, config, overrides)
-            _preflight(stage.cfg, produced=[run_dir / n for n in needs])  # earlier stages write those files
+            check_data_paths(stage.cfg, produced=[run_dir / n for n in needs])  # earlier stages write those files
         except UserError as exc:
             problems += [f"{where}: {p}" for p in exc.problems]
         stages.append(stage)
@@ -216,17 +217,12 @@ def plan(pipeline: Pipeline, selected: set[str], force: bool) -> None:
 
 def folder_state(stage: Stage) -> tuple[str, str]:
     """absent | unfinished | finished | changed, with the reason for `changed`."""
-    import yaml
-
     out = stage.output_dir
-    saved = out / CONFIG
-    if not saved.is_file():
+    if not (out / CONFIG).is_file():
         return ("absent", "") if not (out / "checkpoints").exists() else ("changed", "no config.yaml beside its files")
-    old = _flatten(yaml.safe_load(saved.read_text(encoding="utf-8")) or {})
-    new = _flatten(yaml.safe_load(dump_yaml(stage.cfg)))
-    diff = [k for k in sorted(old.keys() | new.keys()) if k != "resume" and old.get(k) != new.get(k)]
+    diff = [c for c in config_changes(out, stage.cfg) or [] if c[0] != "resume"]
     if diff:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:3])
         return "changed", f"config changed ({shown}{', ...' if len(diff) > 3 else ''})"
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():

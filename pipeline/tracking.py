@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-
-def is_main_process() -> bool:
-    """True on global rank 0 (or when not launched distributed); read from the launcher's environment."""
-    return int(os.environ.get("RANK", "0")) == 0
+from pipeline.distributed import is_main_process
 
 
 def log(message: str, stage: str | None = None) -> None:

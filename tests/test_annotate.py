@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, run_cli, write_jsonl
 from test_sft import qwen2_model  # noqa: F401 - a tiny Qwen2 with the test tokenizer (samples pairs, trains reward)
 
-from pipeline.annotation_log import read_log
+from pipeline.annotation.log import read_log
 
 DEMO_PAIRS = REPO / "data/demo/preference.jsonl"
 ANSI = re.compile(r"\x1b(\[[0-9;?]*[A-Za-z]|\][^\x07]*\x07|[()][A-Z0-9]|[=>])")
@@ -398,7 +398,7 @@ def test_three_annotators_fleiss_kappa_and_pairs_shown_to_n_annotators(tmp_path)
 
 def test_plain_string_pairs_export_as_standard_preference_rows(tmp_path):
     from pipeline.config import DataConfig
-    from pipeline.data import load_preference_pairs
+    from pipeline.formats import load_preference_pairs
 
     rows = [
         {"prompt": f"Q{i}: which colour? ", "response_a": f"red {i}", "response_b": f"{i} {i} {i}"} for i in range(4)

@@ -93,7 +93,7 @@ def test_encode_and_pack_puts_eos_between_documents(trained_tokenizer):
 
 
 def test_reference_answers_from_question_rows_or_preference_pairs(tmp_path):
-    from pipeline.data import load_reference_answers
+    from pipeline.formats import load_reference_answers
 
     qa = str(
         write_jsonl(tmp_path / "qa.jsonl", [{"question": "Q1", "answer": "a1"}, {"question": "Q2", "answer": "a2"}])

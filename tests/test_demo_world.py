@@ -1,4 +1,4 @@
-"""Tests for pipeline/demo_world.py: determinism, the committed data/demo files, schemas, and the guarantees of
+"""Tests for tools/demo_world.py: determinism, the committed data/demo files, schemas, and the guarantees of
 the train / held-out split that make the demo's eval meaningful."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import demo_world as dw
+from tools import demo_world as dw
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data" / "demo"
 JSONL = ["corpus.jsonl", "sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "eval.jsonl"]
@@ -60,7 +60,7 @@ def test_same_seed_gives_byte_identical_files(small: Path, tmp_path: Path) -> No
 def test_committed_data_is_exactly_the_generator_output(tmp_path: Path) -> None:
     dw.main(["--out", str(tmp_path)])  # default seed and size, like the committed data
     for name in FILES:
-        assert (COMMITTED / name).is_file(), f"data/demo/{name} is missing: run python -m pipeline.demo_world"
+        assert (COMMITTED / name).is_file(), f"data/demo/{name} is missing: run python -m tools.demo_world"
         assert (tmp_path / name).read_bytes() == (COMMITTED / name).read_bytes(), f"data/demo/{name} is stale"
 
 

@@ -70,7 +70,7 @@ def check_two_ranks_trained_as_one(out: Path, reference: Path, atol: float) -> d
 
 def _second_micro_batch(metrics: dict) -> list[int]:
     # The one-process run records only its first micro-batch; the second follows from the same sampler.
-    from pipeline.stages.pretrain import BlockSampler
+    from pipeline.batches import BlockSampler
 
     n_blocks = metrics["n_train_blocks"]
     return BlockSampler(n_blocks, seed=0, micro=4, world=1, accumulation=2).indices(0, 1, 0).tolist()

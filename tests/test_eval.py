@@ -15,10 +15,10 @@ import yaml
 from conftest import REPO, run_cli, save_tiny_model
 
 from pipeline.config import UserError
-from pipeline.eval_tasks import (
+from pipeline.evaluation.lmeval import lmeval_task_config
+from pipeline.evaluation.tasks import (
     build_prompt,
     find_tasks,
-    lmeval_task_config,
     load_task_file,
     resolve,
     sample_shots,
@@ -149,7 +149,7 @@ def test_context_continuation_split_is_lm_evals(tiny_model):
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.eval_scoring import Scorer
+    from pipeline.evaluation.scoring import Scorer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -174,7 +174,7 @@ def test_text_loglikelihood_is_the_models_loss(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.eval_scoring import Scorer
+    from pipeline.evaluation.scoring import Scorer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -239,7 +239,7 @@ def test_shipped_task_files_load_and_render(path):
     assert (text or spec.output_type == "loglikelihood_rolling") and "{{" not in text
     assert lmeval_task_config(spec)["task"] == spec.task
     if spec.doc_to_choice is not None:
-        from pipeline.eval_tasks import doc_choices, gold_indices
+        from pipeline.evaluation.tasks import doc_choices, gold_indices
 
         assert gold_indices(spec, doc, doc_choices(spec, doc))[0] >= 0
     elif spec.doc_to_target is not None:
@@ -247,12 +247,12 @@ def test_shipped_task_files_load_and_render(path):
 
 
 def test_task_index_and_demo_pool_regenerates():
-    from pipeline.demo_tasks import build_pool
+    from tools.demo_tasks import build_pool
 
     index = task_index([str(REPO / "data/tasks")])
     assert {"demo_mc", "demo_qa", "demo_mc_train", "arc_easy", "hellaswag"} <= set(index)
     rows = [json.loads(line) for line in (REPO / "data/tasks/demo/train.jsonl").read_text().splitlines()]
-    assert rows == build_pool(0), "data/tasks/demo/train.jsonl is `python -m pipeline.demo_tasks --seed 0`"
+    assert rows == build_pool(0), "data/tasks/demo/train.jsonl is `python -m tools.demo_tasks --seed 0`"
     held_out = {json.loads(line)["question"] for line in (REPO / "data/demo/eval.jsonl").read_text().splitlines()}
     assert not held_out & {r["question"] for r in rows}, "a shot must not be an eval question"
 

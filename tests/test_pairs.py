@@ -11,7 +11,7 @@ from conftest import REPO, run_cli, save_tiny_model, write_jsonl
 from test_distributed import launch
 
 from pipeline.config import DataConfig
-from pipeline.data import load_preference_pairs
+from pipeline.formats import load_preference_pairs
 from pipeline.stages.pairs import PairsConfig, make_pairs
 
 PAIRS_YAML = str(REPO / "configs/tiny/pairs.yaml")

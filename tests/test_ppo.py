@@ -13,8 +13,8 @@ import torch
 from conftest import REPO, run_cli, save_tiny_model, write_jsonl
 from test_distributed import launch
 
-from pipeline import ppo_core
-from pipeline.ppo_rollout import position_ids_from_mask
+from pipeline.rl import core as ppo_core  # the PPO arithmetic
+from pipeline.rl.core import position_ids_from_mask
 
 PPO_YAML = str(REPO / "configs/tiny/ppo.yaml")
 TESTS = Path(__file__).resolve().parent
@@ -152,7 +152,7 @@ def _gpt2():
 
 
 def test_left_padded_logprobs_equal_unpadded_and_align_with_the_next_token():  # A1, A7
-    from pipeline.ppo_rollout import policy_forward
+    from pipeline.rl.policy import policy_forward
 
     model = _gpt2()
     prompt, response = [5, 6, 7], [8, 9, 10, 11]
@@ -172,8 +172,8 @@ def test_left_padded_logprobs_equal_unpadded_and_align_with_the_next_token():  #
 
 def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
     """Rollout with generate, then the scoring pass and a training-mode pass: KL 0, ratio 1, nothing clipped."""
-    from pipeline.ppo_rollout import disable_dropout, policy_forward, rollout
-    from pipeline.stages.ppo import RolloutSection
+    from pipeline.generation import rollout
+    from pipeline.rl.policy import disable_dropout, policy_forward
 
     class Tok:  # what rollout() reads from a tokenizer
         pad_token_id, eos_token_id, bos_token_id = 2, 1, 0
@@ -188,7 +188,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
     disable_dropout(policy)
     torch.manual_seed(1)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
-    batch = rollout(policy, Tok(), prompts, RolloutSection(max_new_tokens=8, temperature=0.7))
+    batch = rollout(policy, Tok(), prompts, max_new_tokens=8, temperature=0.7)
     mask = batch["mask"].float()
     with torch.no_grad():
         old = ppo_core.token_logprobs(policy_forward(policy, batch, slice(None), 0.7), batch["responses"])
@@ -208,7 +208,7 @@ def test_critic_from_the_reward_model_starts_at_its_score():  # C9
 
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from pipeline.ppo_rollout import make_critic
+    from pipeline.rl.policy import make_critic
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -16,7 +16,8 @@ import torch
 from conftest import REPO, run_cli
 from safetensors.torch import load_file
 
-from pipeline.stages.pretrain import BlockSampler, TrainConfig, learning_rate
+from pipeline.batches import BlockSampler
+from pipeline.stages.pretrain import TrainConfig, learning_rate
 
 PRETRAIN_YAML = str(REPO / "configs/tiny/pretrain.yaml")
 

@@ -62,7 +62,7 @@ def reward_args(out, base, train, held_out, *extra) -> list[str]:
 def test_learns_separable_pairs_and_saves_a_scorer(tmp_path, base_model, conversational):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from pipeline.stages.reward import score_pairs
+    from pipeline.rewards import score_pairs
 
     train = write_jsonl(tmp_path / "train.jsonl", separable_pairs(320, 0, conversational))
     held_out = write_jsonl(tmp_path / "held_out.jsonl", separable_pairs(64, 1, conversational))
@@ -88,7 +88,7 @@ def test_bad_preference_rows_are_named_before_training(tmp_path, base_model):
     }
     expected = {
         "missing rejected": "row 5: 'rejected' is missing",
-        "bad role": "row 3: 'chosen' has role 'tool'",
+        "bad role": "row 3: 'chosen' message 0 has role 'tool'",
         "empty": "row 2: 'rejected' is missing or empty",
     }
     for name, rows in cases.items():

@@ -169,10 +169,10 @@ GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "c
 @pytest.mark.parametrize(
     ("bad_row", "says"),
     [
-        ({"messages": []}, "'messages' is an empty message list"),
+        ({"messages": []}, "'messages' must be a non-empty list of messages"),
         ({"messages": [{"role": "tool", "content": "42"}, GOOD["messages"][1]]}, "has role 'tool'"),
         ({"messages": GOOD["messages"][:1]}, "ends with a 'user' message; the last message must be the assistant's"),
-        ({"messages": [{"role": "user", "content": None}, GOOD["messages"][1]]}, "has no string content"),
+        ({"messages": [{"role": "user", "content": None}, GOOD["messages"][1]]}, "is not a message with text content"),
     ],
     ids=["empty", "tool-role", "no-assistant-turn", "no-content"],
 )

@@ -10,26 +10,28 @@ and a manifest with the held-out implicit-reward accuracy and margins, and the p
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.config import DataConfig, config, field
-from pipeline.data import describe_data
-from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
-from pipeline.stages.pretrain import generation_config
-from pipeline.stages.sft import exact_match, load_generation_rows
-from pipeline.tracking import log
-from pipeline.trl_common import (
+from pipeline.data import stage_inputs
+from pipeline.distributed import is_main_process, launch_facts
+from pipeline.modeling import (
     LoraSection,
+    load_pretrained,
+    model_and_tokenizer,
+    peft_config,
+    save_model,
+)
+from pipeline.tracking import log
+from pipeline.trainers import (
     TrlTrainConfig,
     evaluation_at_start,
-    launch_facts,
+    generation_eval,
+    generation_eval_rows,
     load_preference_splits,
     metrics_jsonl_callback,
-    peft_config,
-    save_trained_model,
     trainer_resume_point,
     training_kwargs,
 )
@@ -90,15 +92,12 @@ def run(cfg: DPOStageConfig) -> dict | None:
     # --- check inputs before any compute
     started = time.time()
     out = Path(cfg.output_dir)
-    model_path = resolve_model_path(cfg.init_from)
-    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
     train_ds, eval_ds = load_preference_splits(cfg, tokenizer)
-    questions = load_generation_rows(cfg)
+    questions = generation_eval_rows(cfg)
     checkpoints = out / "checkpoints"
     resume_from = trainer_resume_point(checkpoints, cfg.resume, cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- policy (+ frozen reference made by trl, or adapters-off with LoRA)
@@ -108,28 +107,26 @@ def run(cfg: DPOStageConfig) -> dict | None:
         **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length, beta=cfg.beta,
         loss_type=list(cfg.loss_type), loss_weights=cfg.loss_weights, eval_strategy="no",
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        eval_on_start=True,  # the "before" numbers; see trl_common.evaluation_at_start
+        eval_on_start=True,  # the "before" numbers; see trainers.evaluation_at_start
     )  # fmt: skip
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out, beta {cfg.beta}, loss {cfg.loss_type}", STAGE)
     match_before = None
     if questions and trainer.is_world_process_zero():  # the others wait in train()
-        match_before, _ = exact_match(trainer.model, tokenizer, questions, cfg.max_new_tokens)
+        match_before, _ = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens)
     trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     result = trainer.train(resume_from_checkpoint=resume_from)
     before = evaluation_at_start(trainer)
     after = trainer.evaluate()
 
     # --- save: merged weights (or adapters), tokenizer, generation config; the manifest last
-    metrics, facts = {}, launch_facts(trainer)
+    metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
     if trainer.is_world_process_zero():
-        match_after, examples = (None, [])
-        if questions:
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            match_after, examples = exact_match(unwrapped, tokenizer, questions, cfg.max_new_tokens)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        match_after, examples = generation_eval(unwrapped, tokenizer, questions, cfg.max_new_tokens)
         with atomic_dir(out / "model") as tmp:
-            save_trained_model(trainer, tokenizer, tmp, cfg.lora.merge, generation_config(tokenizer))
+            save_model(unwrapped, tokenizer, tmp, cfg.lora.merge)
         metrics = {
             "train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_ds),
             "heldout_pairs": len(eval_ds), "resumed_from": resume_from,
@@ -143,10 +140,7 @@ def run(cfg: DPOStageConfig) -> dict | None:
             "generation_eval_rows": len(questions),
             **facts,
         }  # fmt: skip
-        inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
-        for key in ("eval_data", "generation_eval"):
-            if getattr(cfg, key) is not None:
-                inputs[key] = describe_data(getattr(cfg, key))
+        inputs = stage_inputs(cfg, "init_from", "data", "eval_data", "generation_eval")
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         shown = f", exact match {match_before:.3f} -> {match_after:.3f}" if questions else ""
         log(

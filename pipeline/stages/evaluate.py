@@ -3,10 +3,10 @@
     llmpipe eval --config configs/tiny/eval.yaml model=runs/tiny/sft [num_fewshot=5] [tasks=[demo_mc]]
     ACCELERATE_USE_CPU=1 accelerate launch --config_file launch/accelerate/cpu_2proc.yaml -m pipeline.cli eval ...
 
-Tasks are YAML files under `task_dirs` (see data/tasks/ and pipeline/eval_tasks.py), with the keys and numbers of
+Tasks are YAML files under `task_dirs` (see data/tasks/ and pipeline/evaluation/tasks.py), with the keys and numbers of
 lm-evaluation-harness: the same prompts, the same shots for the same seed, acc / acc_norm / exact_match computed
 the same way, so the numbers can be compared directly. It is faster: every choice of a document is scored in one
-row that computes the shared context once (pipeline/eval_scoring.py), and rows are length-sorted and batched.
+row that computes the shared context once (pipeline/evaluation/scoring.py), and rows are length-sorted and batched.
 Under `accelerate launch` each process takes every k-th document and rank 0 gathers and writes the results.
 
 Produces `output_dir/results.json` (per task: metrics with standard errors, counts, the first document's exact
@@ -23,13 +23,14 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_write_text, begin_stage, describe_input, write_manifest
 from pipeline.config import UserError, config, field
-from pipeline.eval_tasks import (
+from pipeline.distributed import is_main_process, weights_dtype
+from pipeline.evaluation.tasks import (
     TaskSpec,
+    answer_matches,
     answer_text,
     build_prompt,
     doc_choices,
     doc_target,
-    exact_match,
     filter_answer,
     find_tasks,
     gold_indices,
@@ -37,8 +38,8 @@ from pipeline.eval_tasks import (
     resolve,
     sample_shots,
 )
-from pipeline.modeling import load_tokenizer, resolve_model_path
-from pipeline.tracking import is_main_process, log
+from pipeline.modeling import load_pretrained, model_and_tokenizer
+from pipeline.tracking import log
 
 STAGE = "eval"
 
@@ -118,7 +119,7 @@ def score_task(spec: TaskSpec, task: dict, scorer, rank: int, world: int, chat: 
             targets = [choices[targets]] if choices is not None else targets
             targets = [str(t) for t in (targets if isinstance(targets, list) else [targets])]
             answer = filter_answer(spec, text)
-            hit = any(exact_match(spec, answer, t) for t in targets)
+            hit = any(answer_matches(spec, answer, t) for t in targets)
             out.append({"generated": text, "answer": answer, "target": targets, "exact_match": float(hit)})
     elif spec.output_type == "loglikelihood_rolling":
         texts = [str(resolve(doc, spec.doc_to_target or spec.doc_to_text)) for doc in docs]
@@ -188,23 +189,6 @@ def markdown_table(model: str, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _load_model(cfg: EvalConfig, path: str, device):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    bf16 = cfg.precision == "bf16" or (
-        cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.bfloat16 if bf16 else torch.float32, trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-        )  # fmt: skip
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model: cannot load {path!r}: {' '.join(str(exc).split())[:300]}") from None
-    return model.to(device).eval()
-
-
 # --- run ----------------------------------------------------------------------------------------------------
 
 
@@ -213,8 +197,7 @@ def run(cfg: EvalConfig) -> dict | None:
     started = time.time()
     out = Path(cfg.output_dir)
     specs = find_tasks(cfg.tasks, cfg.task_dirs)
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
+    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
     if cfg.chat and not tokenizer.chat_template:
         raise UserError(f"chat: true, but the tokenizer of {cfg.tokenizer or model_path} has no chat template")
     prepared = {spec.task: prepare_task(cfg, spec, tokenizer) for spec, _ in specs}
@@ -224,11 +207,13 @@ def run(cfg: EvalConfig) -> dict | None:
     # --- model and scorer; plain `llmpipe eval` is one process, `accelerate launch` gives several
     from accelerate import Accelerator
     from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
 
-    from pipeline.eval_scoring import Scorer
+    from pipeline.evaluation.scoring import Scorer
 
     accelerator = Accelerator()
-    model = _load_model(cfg, model_path, accelerator.device)
+    model = load_pretrained(AutoModelForCausalLM, model_path, cfg.trust_remote_code, "model",
+                            dtype=weights_dtype(cfg.precision)).to(accelerator.device).eval()  # fmt: skip
     total = sum(len(t["docs"]) for t in prepared.values())
     bar = tqdm(total=total, desc="eval documents", disable=not accelerator.is_main_process, unit="doc")
     scorer = Scorer(model, tokenizer, cfg.add_bos, cfg.max_length, cfg.batch_tokens, cfg.share_context)

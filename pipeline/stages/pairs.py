@@ -20,20 +20,22 @@ Sampling is not checkpointed: a killed run starts again, and nothing is written 
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.artifacts import atomic_write_text, begin_stage, describe_input, write_manifest
+from pipeline.artifacts import atomic_write_text, begin_stage, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import describe_data, load_prompt_rows
-from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from pipeline.data import stage_inputs
+from pipeline.distributed import on_gpu, weights_dtype
+from pipeline.formats import load_prompt_rows
+from pipeline.generation import encode_prompts, rollout
+from pipeline.modeling import load_pretrained, model_and_tokenizer
+from pipeline.rewards import EXACT_MATCH, as_reply, load_reward_function
 from pipeline.tracking import log
 
 STAGE = "pairs"
-EXACT_MATCH = "exact_match"
 
 
 @config
@@ -85,37 +87,6 @@ Config = PairsConfig
 # --- judging -----------------------------------------------------------------------------------------------------
 
 
-def exact_match(prompts: list, responses: list[str], references: list[str | None]) -> list[float]:
-    """1.0 when the answer equals the reference after strip() (the sft/ppo exact-match rule), else 0.0."""
-    return [float(r is not None and s.strip() == r.strip()) for s, r in zip(responses, references, strict=True)]
-
-
-def load_judge(name: str):
-    """The judge as a function (prompts, responses, references) -> scores."""
-    if name == EXACT_MATCH:
-        return exact_match
-    from pipeline.ppo_rollout import load_reward_function
-
-    function = load_reward_function(name, "judge")
-    try:
-        params = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        params = []
-    takes_references = any(p.name == "references" or p.kind is p.VAR_KEYWORD for p in params)
-
-    def judge(prompts, responses, references):
-        scores = (
-            function(prompts, responses, references=references) if takes_references else function(prompts, responses)
-        )
-        scores = list(scores)
-        if len(scores) != len(responses) or not all(isinstance(s, (int, float)) for s in scores):
-            raise UserError(f"judge {name!r}: returned {len(scores)} values for {len(responses)} responses; "
-                            "expected one number per response")  # fmt: skip
-        return [float(s) for s in scores]
-
-    return judge
-
-
 def make_pairs(row: dict, answers: list[dict], cfg: PairsConfig) -> list[tuple[dict, dict]]:
     """(chosen, rejected) candidates of one prompt. Candidates are the distinct non-empty answers (and the
     reference); the chosen is the best-scoring one (the reference on a tie, else the most often sampled), every
@@ -136,11 +107,6 @@ def make_pairs(row: dict, answers: list[dict], cfg: PairsConfig) -> list[tuple[d
     return [(best, loser) for loser in losers[: cfg.max_pairs_per_prompt]]
 
 
-def as_reply(prompt, text: str):
-    """A response in the prompt's format: an assistant message list for a conversation, else the string."""
-    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
-
-
 # --- run ---------------------------------------------------------------------------------------------------------
 
 
@@ -151,29 +117,22 @@ def run(cfg: PairsConfig) -> dict | None:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from pipeline.ppo_rollout import encode_prompts, rollout
-    from pipeline.trl_common import on_gpu
-
     # --- check inputs before any compute: judge, prompts, references, tokenizer
     started = time.time()
     out = Path(cfg.output_dir)
-    judge = load_judge(cfg.judge)
+    judge = load_reward_function(cfg.judge, "judge")
     rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=cfg.judge == EXACT_MATCH)
     rows = rows[: cfg.max_prompts]
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
+    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.model} has no chat template, but {cfg.data.path} holds conversations")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     state = PartialState(cpu=not on_gpu())
     if state.is_main_process:
         begin_stage(out, cfg, fresh=True)
 
     # --- sample this process's share of the prompts
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu() and torch.cuda.is_bf16_supported())
     model = load_pretrained(AutoModelForCausalLM, model_path, cfg.trust_remote_code, "model",
-                            dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
+                            dtype=weights_dtype(cfg.precision))  # fmt: skip
     model.to(state.device).eval()
     torch.manual_seed(cfg.seed + state.process_index)
     n = cfg.samples_per_prompt
@@ -184,7 +143,8 @@ def run(cfg: PairsConfig) -> dict | None:
     batches = range(0, len(mine), cfg.batch_size)
     for start in tqdm(batches, desc=f"sampling {n} answers per prompt", disable=not state.is_main_process):
         chunk = ids[start : start + cfg.batch_size]
-        batch = rollout(model, tokenizer, [p for p in chunk for _ in range(n)], cfg)
+        batch = rollout(model, tokenizer, [p for p in chunk for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
+                        cfg.top_p)  # fmt: skip
         texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
         finished = batch["has_stop"].tolist()
         for k in range(len(chunk)):
@@ -200,11 +160,11 @@ def run(cfg: PairsConfig) -> dict | None:
     prompts = [rows[s["index"]]["prompt"] for s in sampled for _ in s["answers"]]
     responses = [a["text"] for s in sampled for a in s["answers"]]
     references = [rows[s["index"]]["reference"] for s in sampled for _ in s["answers"]]
-    scores = judge(prompts, responses, references)
+    scores = judge(prompts, responses, references=references)
     have_reference = [r for r in rows if r["reference"] is not None] if cfg.include_reference else []
     if have_reference:  # the reference is one more candidate, judged by the same rule
         texts = [r["reference"] for r in have_reference]
-        for row, score in zip(have_reference, judge([r["prompt"] for r in have_reference], texts, texts),
+        for row, score in zip(have_reference, judge([r["prompt"] for r in have_reference], texts, references=texts),
                               strict=True):  # fmt: skip
             row["reference_score"] = score
     flat = iter(scores)
@@ -237,7 +197,7 @@ def run(cfg: PairsConfig) -> dict | None:
     }  # fmt: skip
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows))
     atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pair_rows))
-    inputs = {"model": describe_input(cfg.model), "data": describe_data(cfg.data)}
+    inputs = stage_inputs(cfg, "model", "data")
     write_manifest(out, STAGE, inputs, ["pairs.jsonl", "samples.jsonl"], metrics, started)
     log(f"done: {total} answers to {len(rows)} prompts, mean score {metrics['mean_score']:.3f} (best of {n}: "
         f"{metrics['best_of_n_mean_score']:.3f}); {len(pair_rows)} pairs from {prompts_with_pairs} prompts -> "

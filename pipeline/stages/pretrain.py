@@ -28,9 +28,11 @@ from pipeline.artifacts import (
     describe_input,
     write_manifest,
 )
-from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
+from pipeline.batches import BlockSampler, StreamSampler
+from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint, stopped_message
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
 from pipeline.data import describe_data, load_examples, pack_dataset
+from pipeline.distributed import all_finite, launch_facts, make_accelerator, world_size
 from pipeline.modeling import (
     ModelConfig,
     build_model,
@@ -38,6 +40,7 @@ from pipeline.modeling import (
     load_tokenizer,
     model_context_length,
     peak_flops,
+    save_model,
     training_flops_per_token,
 )
 from pipeline.tracking import MetricsLog, log
@@ -136,33 +139,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-class BlockSampler:
-    """Which blocks each rank trains on: a seeded permutation per epoch over an endless stream of samples.
-
-    Optimizer step t uses global samples [t*G, (t+1)*G) (G = sequences per step); micro-step m of rank r takes the
-    (m*world + r)-th slice of `micro` of them. So a resumed run, and a run on more processes with the same G,
-    sees the same samples at the same step.
-    """
-
-    def __init__(self, n_blocks: int, seed: int, micro: int, world: int, accumulation: int):
-        self.n, self.seed, self.micro, self.world, self.accumulation = n_blocks, seed, micro, world, accumulation
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _sample(self, index: np.ndarray) -> np.ndarray:
-        epochs, positions = np.divmod(index, self.n)
-        out = np.empty_like(index)
-        for epoch in np.unique(epochs):
-            if epoch not in self._perms:
-                self._perms = {epoch: np.random.default_rng([self.seed, int(epoch)]).permutation(self.n)}
-            out[epochs == epoch] = self._perms[epoch][positions[epochs == epoch]]
-        return out
-
-    def indices(self, step: int, micro_step: int, rank: int) -> np.ndarray:
-        per_step = self.micro * self.world * self.accumulation
-        start = step * per_step + (micro_step * self.world + rank) * self.micro
-        return self._sample(np.arange(start, start + self.micro))
-
-
 def param_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices, not norms and biases (1-D tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -170,84 +146,6 @@ def param_groups(model, weight_decay: float) -> list[dict]:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-
-
-def make_accelerator(cfg: PretrainConfig, accumulation: int, project_dir: Path):
-    """An Accelerator with the launch config's settings; gloo on CPU (DeepSpeed would otherwise pick a GPU
-    backend and every rank would silently act as rank 0)."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    on_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-    precision = cfg.precision
-    if precision == "auto":
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-        precision = launched or ("no" if on_cpu or not torch.cuda.is_bf16_supported() else "bf16")
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size() > 1 else []
-    # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed finds the CPU by itself.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    return Accelerator(
-        gradient_accumulation_steps=accumulation,
-        mixed_precision="no" if precision == "fp32" else precision,
-        cpu=on_cpu and not deepspeed,
-        log_with=cfg.report_to or None,
-        project_dir=str(project_dir),
-        kwargs_handlers=handlers,
-    )
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-class StreamSampler:
-    """Blocks in stream order for `data.streaming`: step t uses blocks [t*G, (t+1)*G) of the packed stream, split
-    across ranks and micro-steps as BlockSampler does. Every rank reads the stream and keeps its own slices; on
-    resume the consumed blocks are read again and skipped (exact, at the cost of re-tokenizing them)."""
-
-    def __init__(self, stream, skip: int, micro: int, world: int, accumulation: int):
-        self.micro, self.world, self.accumulation = micro, world, accumulation
-        self._iter, self._buffer, self._step = self._blocks(stream, skip), None, None
-
-    @staticmethod
-    def _blocks(stream, skip):
-        epoch = 0
-        while True:
-            seen = 0
-            for row in stream:
-                if skip:
-                    skip -= 1
-                    continue
-                seen += 1
-                yield np.asarray(row["input_ids"])
-            if not seen:
-                raise UserError("data: the stream yields no full block; is it shorter than one sequence?")
-            epoch += 1
-            if hasattr(stream, "set_epoch"):
-                stream.set_epoch(epoch)
-
-    def blocks(self, step: int, micro_step: int, rank: int) -> np.ndarray:
-        if self._step != step:
-            per_step = self.micro * self.world * self.accumulation
-            self._buffer, self._step = np.stack([next(self._iter) for _ in range(per_step)]), step
-        start = (micro_step * self.world + rank) * self.micro
-        return self._buffer[start : start + self.micro]
-
-
-def generation_config(tokenizer):
-    """Greedy by default; stop at EOS and at any end-of-turn token the tokenizer has (ours, Llama 3, ChatML)."""
-    from transformers import GenerationConfig
-
-    stops = [tokenizer.eos_token_id]
-    for token in ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token in tokenizer.get_vocab() and token_id not in stops:
-            stops.append(token_id)
-    return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_new_tokens=64,
-    )  # fmt: skip
 
 
 def run(cfg: PretrainConfig) -> dict | None:
@@ -285,7 +183,7 @@ def run(cfg: PretrainConfig) -> dict | None:
     # config with zero3_init_flag: true (models too big for one device's memory) gets zero.Init as it asks.
     zero3_init = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true"
     model = None if zero3_init else _seeded_model(cfg, tokenizer)
-    accelerator = make_accelerator(cfg, accumulation, out)
+    accelerator = make_accelerator(cfg.precision, out, cfg.report_to, accumulation)
     rank, micro = accelerator.process_index, cfg.train.micro_batch_size
     if accelerator.is_main_process:
         begin_stage(out, cfg, fresh=resume_from is None)
@@ -412,8 +310,11 @@ def run(cfg: PretrainConfig) -> dict | None:
                 grad_norm = None
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-                    if not _all_finite(accelerator, step_loss, grad_norm):
-                        raise StageFailed(_diverged_message(out, step, step_loss, grad_norm))
+                    if not all_finite(accelerator, step_loss, grad_norm):
+                        raise StageFailed(stopped_message(
+                            out / "checkpoints", step, f"non-finite training signal (loss {float(step_loss):.4g}, "
+                            f"grad norm {float(grad_norm) if grad_norm is not None else 'n/a'})",
+                            "Lower train.lr or raise train.warmup_steps"))  # fmt: skip
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - step_start
@@ -463,28 +364,19 @@ def run(cfg: PretrainConfig) -> dict | None:
         last["val_ppl"] = math.exp(min(last["val_loss"], 50))
 
     # --- save: a model folder that AutoModelForCausalLM loads, then the manifest, last
-    checksums = _param_checksums(accelerator, model)
-    if checksums and len(set(checksums)) > 1:
-        raise StageFailed(
-            f"parameters differ across ranks after training ({checksums}): the processes did not "
-            "train as one model; check the launch config (see launch/README.md)"
-        )
+    facts = launch_facts(accelerator, model)
     state_dict = accelerator.get_state_dict(model)
     metrics = {}
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True
         with atomic_dir(out / "model") as tmp:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            generation_config(tokenizer).save_pretrained(tmp)
+            save_model(unwrapped, tokenizer, tmp, state_dict=state_dict)
         total_tokens = (cfg.train.max_steps - 0) * tokens_per_step
         metrics = {
             "parameters": n_params["total"], "parameters_matmul": n_params["matmul"],
             "flops_per_token": flops_per_token, "steps": cfg.train.max_steps, "tokens": total_tokens,
-            "tokens_per_step": tokens_per_step, "gradient_accumulation": accumulation, "world_size": world,
-            "distributed_type": str(accelerator.distributed_type.value),
-            "zero_stage": getattr(accelerator.state.deepspeed_plugin, "zero_stage", None),
+            "tokens_per_step": tokens_per_step, "gradient_accumulation": accumulation,
             "precision": accelerator.mixed_precision, "val_loss_initial": val_loss_initial,
             "val_loss": last["val_loss"], "val_ppl": last["val_ppl"], "train_loss": last.get("loss"),
             "tokens_per_second": total_tokens / max(train_seconds, 1e-9),
@@ -492,7 +384,7 @@ def run(cfg: PretrainConfig) -> dict | None:
             "peak_flops_per_device": peak, "peak_flops_source": peak_source,
             "resumed_from_step": start_step if resume_from else None,
             "n_train_blocks": None if cfg.data.streaming else len(train_blocks),
-            "first_micro_batch_samples_by_rank": first_samples, "param_checksum_by_rank": checksums,
+            "first_micro_batch_samples_by_rank": first_samples, **facts,
         }  # fmt: skip
         inputs = {"tokenizer": {tokenizer_path: tokenizer_hash}, "data": describe_data(cfg.data)}
         if cfg.model.init_from:
@@ -513,36 +405,3 @@ def _seeded_model(cfg: PretrainConfig, tokenizer):
 
     torch.manual_seed(cfg.train.seed)
     return build_model(cfg.model, tokenizer)
-
-
-def _all_finite(accelerator, loss, grad_norm) -> bool:
-    """True when loss and gradient norm are finite on every rank (one all-reduce, so all ranks agree)."""
-    import torch
-
-    bad = (~torch.isfinite(loss)).float()
-    if grad_norm is not None:
-        bad = bad + (~torch.isfinite(torch.as_tensor(grad_norm, device=loss.device))).float()
-    return accelerator.reduce(bad, "sum").item() == 0
-
-
-def _diverged_message(out: Path, step: int, loss, grad_norm) -> str:
-    from pipeline.checkpoints import list_checkpoints
-
-    kept = list_checkpoints(out / "checkpoints")
-    where = f"the last good checkpoint, {kept[-1]}, is intact" if kept else "no checkpoint had been saved yet"
-    return (
-        f"non-finite training signal at step {step + 1} (loss {float(loss):.4g}, grad norm "
-        f"{float(grad_norm) if grad_norm is not None else 'n/a'}); stopped without saving. {where}. "
-        "Lower train.lr or raise train.warmup_steps, then run again (resume: auto continues from it)."
-    )
-
-
-def _param_checksums(accelerator, model) -> list[float] | None:
-    """Sum of all parameters on each rank, or None where parameters are sharded (ZeRO-3, FSDP)."""
-    from accelerate.utils import DistributedType
-
-    plugin = accelerator.state.deepspeed_plugin
-    if accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3):
-        return None
-    total = sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters())
-    return accelerator.gather(total.reshape(1).to(accelerator.device)).tolist()

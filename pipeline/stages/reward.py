@@ -4,24 +4,24 @@
 
 Reads trl's preference formats as they are: explicit prompt (`prompt`, `chosen`, `rejected`), implicit prompt
 (`chosen`, `rejected` holding the whole exchange), standard strings or conversational message lists. Produces
-`output_dir/model/` (loads with AutoModelForSequenceClassification; `score_pairs` below scores (prompt, response)
-pairs) and a manifest with held-out pairwise accuracy and mean margin.
+`output_dir/model/` (loads with AutoModelForSequenceClassification; `pipeline.rewards.score_pairs` scores
+(prompt, response) pairs) and a manifest with held-out pairwise accuracy and mean margin.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.config import DataConfig, config, field
-from pipeline.data import describe_data
-from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from pipeline.data import stage_inputs
+from pipeline.distributed import is_main_process, launch_facts
+from pipeline.modeling import load_pretrained, model_and_tokenizer, save_model
+from pipeline.rewards import score_pairs
 from pipeline.tracking import log
-from pipeline.trl_common import (
+from pipeline.trainers import (
     TrlTrainConfig,
-    launch_facts,
     load_preference_splits,
     metrics_jsonl_callback,
     trainer_resume_point,
@@ -55,38 +55,7 @@ class RewardConfig:
 Config = RewardConfig
 
 
-# --- scoring ------------------------------------------------------------------------------------------------------
-
-
-def score_pairs(model, tokenizer, prompts: list, responses: list, batch_size: int = 16) -> list[float]:
-    """Reward-model scores for (prompt, response) pairs, rendered exactly as training rendered them.
-
-    `prompts[i]` is a string or a message list; `responses[i]` a string or a message list of the same kind.
-        model = AutoModelForSequenceClassification.from_pretrained("runs/tiny/reward/model")
-        tok = AutoTokenizer.from_pretrained("runs/tiny/reward/model")
-        score_pairs(model, tok, [[{"role": "user", "content": "2 + 3?"}]], [[{"role": "assistant", "content": "5"}]])
-    """
-    import torch
-
-    texts = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        if isinstance(prompt, list):
-            texts.append(tokenizer.apply_chat_template(prompt + response, tokenize=False))
-        else:
-            text = prompt + response
-            texts.append(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)
-    scores: list[float] = []
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # the score is read at the last real token
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(model.device)  # fmt: skip
-                scores += model(**batch).logits[:, 0].float().tolist()
-    finally:
-        tokenizer.padding_side = side
-    return scores
+# --- held-out pairs ---------------------------------------------------------------------------------------------
 
 
 def pair_metrics(model, tokenizer, ds) -> dict:
@@ -117,14 +86,12 @@ def run(cfg: RewardConfig) -> dict | None:
     # --- check inputs before any compute
     started = time.time()
     out = Path(cfg.output_dir)
-    model_path = resolve_model_path(cfg.init_from)
-    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
-    if tokenizer.pad_token is None:  # a classifier must know where padding starts to find the last real token
-        tokenizer.pad_token = tokenizer.eos_token
+    # a classifier must know where padding starts to find the last real token: pad_with_eos
+    model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
     train_ds, eval_ds = load_preference_splits(cfg, tokenizer)
     checkpoints = out / "checkpoints"
     resume_from = trainer_resume_point(checkpoints, cfg.resume, cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- model: the causal LM's body with a fresh one-output score head
@@ -146,13 +113,11 @@ def run(cfg: RewardConfig) -> dict | None:
     trainer.model.train(False)
 
     # --- save and measure on the held-out pairs
-    metrics, facts = {}, launch_facts(trainer)
+    metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
     if trainer.is_world_process_zero():
         after = pair_metrics(trainer.model, tokenizer, eval_ds)
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         with atomic_dir(out / "model") as tmp:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp, generation=False)
         metrics = {
             "train_loss": result.training_loss, "steps": result.global_step,
             "heldout_pair_accuracy": after["pair_accuracy"], "heldout_mean_margin": after["mean_margin"],
@@ -161,9 +126,7 @@ def run(cfg: RewardConfig) -> dict | None:
             "resumed_from": resume_from,
             **facts,
         }  # fmt: skip
-        inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
-        if cfg.eval_data is not None:
-            inputs["eval_data"] = describe_data(cfg.eval_data)
+        inputs = stage_inputs(cfg, "init_from", "data", "eval_data")
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         log(
             f"done: held-out pair accuracy {before['pair_accuracy']:.3f} -> {after['pair_accuracy']:.3f}, "

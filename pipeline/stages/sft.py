@@ -18,20 +18,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import CHAT_ROLES, describe_data, load_examples, load_reference_answers, local_files
-from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
-from pipeline.stages.pretrain import generation_config
-from pipeline.tracking import is_main_process, log
-from pipeline.trl_common import (
+from pipeline.data import load_examples, local_files, stage_inputs
+from pipeline.distributed import is_main_process, launch_facts
+from pipeline.formats import message_problem
+from pipeline.modeling import (
     LoraSection,
+    load_pretrained,
+    model_and_tokenizer,
+    peft_config,
+    save_model,
+)
+from pipeline.tracking import log
+from pipeline.trainers import (
     TrlTrainConfig,
     evaluation_at_start,
-    launch_facts,
+    generation_eval,
+    generation_eval_rows,
     metrics_jsonl_callback,
-    peft_config,
-    save_trained_model,
     trainer_resume_point,
     training_kwargs,
 )
@@ -116,29 +121,15 @@ def _row_name(data: DataConfig, index: int) -> str:
     return f"{files[0] if len(files) == 1 else data.path}: row {index}"
 
 
-def _conversation_problem(messages, key: str, must_end_with_assistant: bool) -> str | None:
-    if not isinstance(messages, list) or not messages:
-        return f"{key!r} is an empty message list" if isinstance(messages, list) else f"{key!r} is not a list"
-    for position, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in CHAT_ROLES:
-            return f"{key!r} message {position} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}"
-        if not isinstance(message.get("content"), str):
-            return f"{key!r} message {position} ({role}) has no string content"
-    if must_end_with_assistant and messages[-1]["role"] != "assistant":
-        return f"{key!r} ends with a {messages[-1]['role']!r} message; the last message must be the assistant's"
-    return None
-
-
 def _row_problem(row: dict, fmt: str, conversational: bool) -> str | None:
     if fmt == "messages":
-        return _conversation_problem(row["messages"], "messages", must_end_with_assistant=True)
+        return message_problem(row["messages"], "messages", last_role="assistant")
     if fmt == "text":
         return None if isinstance(row["text"], str) and row["text"] else "'text' is empty or not a string"
     for key in ("prompt", "completion"):
         value = row[key]
         if conversational:
-            problem = _conversation_problem(value, key, must_end_with_assistant=key == "completion")
+            problem = message_problem(value, key, last_role="assistant" if key == "completion" else None)
             if problem:
                 return problem
         elif not isinstance(value, str) or (key == "completion" and not value):
@@ -198,7 +189,7 @@ def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt:
         assistant_only_loss=cfg.assistant_only_loss and conversational,
         completion_only_loss=cfg.assistant_only_loss if fmt == "prompt-completion" else None,
         eval_strategy="steps" if with_eval else "no", eval_steps=cfg.train.eval_steps,
-        eval_on_start=eval_ds is not None,  # the "before" numbers; see trl_common.evaluation_at_start
+        eval_on_start=eval_ds is not None,  # the "before" numbers; see trainers.evaluation_at_start
     )  # fmt: skip
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
@@ -218,52 +209,6 @@ def trained_text(tokenizer, input_ids: list[int], labels: list[int]) -> list[str
     return [tokenizer.decode(run) for run in runs]
 
 
-# --- greedy exact match on held-out questions -------------------------------------------------------------------
-
-
-def exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 32) -> tuple:
-    """Share of rows whose greedy answer (chat template, generation prompt) equals `answer` after strip(), and
-    the first three generations."""
-    import torch
-
-    stops = generation_config(tokenizer).eos_token_id  # EOS and end-of-turn tokens (<|end|>, <|im_end|>...)
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly in every row
-    generations = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chats = [as_messages(r["question"]) for r in rows[start : start + batch_size]]
-                prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
-                # The rendered template already holds BOS where the model expects one.
-                batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-                batch = batch.to(model.device)
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                                        pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-                new_tokens = output[:, batch["input_ids"].shape[1] :]
-                generations += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    hits = [g == str(r["answer"]).strip() for g, r in zip(generations, rows, strict=True)]
-    pairs = zip(rows[:3], generations[:3], strict=True)
-    examples = [{"question": r["question"], "answer": r["answer"], "generated": g} for r, g in pairs]
-    return sum(hits) / len(hits), examples
-
-
-def as_messages(question) -> list[dict]:
-    """A question as a conversation: a message list as it is, a string as one user turn."""
-    return question if isinstance(question, list) else [{"role": "user", "content": question}]
-
-
-def load_generation_rows(cfg) -> list[dict]:
-    """The `generation_eval` rows (question, answer) of a stage config that has the generation_eval keys."""
-    if cfg.generation_eval is None:
-        return []
-    return load_reference_answers(cfg.generation_eval, cfg.generation_eval_max)
-
-
 # --- run --------------------------------------------------------------------------------------------------------
 
 
@@ -273,11 +218,8 @@ def run(cfg: SFTStageConfig) -> dict | None:
     out = Path(cfg.output_dir)
     train_ds, fmt, conversational = load_sft_rows(cfg.data)
     eval_ds = load_sft_rows(cfg.eval_data)[0] if cfg.eval_data is not None else None
-    questions = load_generation_rows(cfg)
-    model_path = resolve_model_path(cfg.init_from)
-    tokenizer = load_tokenizer(cfg.tokenizer or model_path, cfg.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    questions = generation_eval_rows(cfg)
+    model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
     if conversational or questions:
         check_chat_template(tokenizer, cfg.tokenizer or model_path, cfg.assistant_only_loss and conversational)
     if eval_ds is None and cfg.eval_fraction > 0:
@@ -314,7 +256,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
     # loss before is the trainer's eval_on_start
     match_before = None
     if questions and is_main_process():
-        match_before, _ = exact_match(trainer.model, tokenizer, questions, cfg.max_new_tokens)
+        match_before, _ = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens)
         log(f"exact match before training: {match_before:.3f} on {len(questions)} questions", STAGE)
 
     # --- train (Trainer resumes model, optimizer, scheduler and RNG state from checkpoint-N); metrics.jsonl gets
@@ -325,14 +267,12 @@ def run(cfg: SFTStageConfig) -> dict | None:
     loss_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 
     # --- after: exact match, save the model, the manifest last
-    metrics, facts = {}, launch_facts(trainer)
+    metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
     if trainer.is_world_process_zero():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        match_after, examples = (None, [])
-        if questions:
-            match_after, examples = exact_match(unwrapped, tokenizer, questions, cfg.max_new_tokens)
+        match_after, examples = generation_eval(unwrapped, tokenizer, questions, cfg.max_new_tokens)
         with atomic_dir(out / "model") as tmp:
-            save_trained_model(trainer, tokenizer, tmp, cfg.lora.merge, generation_config(tokenizer))
+            save_model(unwrapped, tokenizer, tmp, cfg.lora.merge)
         metrics = {
             "train_loss": result.training_loss, "final_logged_loss": _last_logged_loss(trainer),
             "eval_loss_before": loss_before, "eval_loss": loss_after,
@@ -343,10 +283,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
             "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge, "resumed_from": resume_from,
             **facts,
         }  # fmt: skip
-        inputs = {"init_from": describe_input(cfg.init_from), "data": describe_data(cfg.data)}
-        for key in ("eval_data", "generation_eval"):
-            if getattr(cfg, key) is not None:
-                inputs[key] = describe_data(getattr(cfg, key))
+        inputs = stage_inputs(cfg, "init_from", "data", "eval_data", "generation_eval")
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         shown = f", exact match {match_before:.3f} -> {match_after:.3f}" if questions else ""
         log(f"done: train loss {result.training_loss:.4f}{shown} -> {out / 'model'}", STAGE)

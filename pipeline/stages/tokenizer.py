@@ -16,10 +16,10 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import describe_data, iter_texts, load_examples
-from pipeline.tracking import is_main_process, log
+from pipeline.distributed import is_main_process
+from pipeline.tracking import log
 
 STAGE = "tokenizer"
-ROLES = ("system", "user", "assistant")
 
 
 @config

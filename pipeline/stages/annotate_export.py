@@ -15,7 +15,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from pipeline.annotation_log import AnnotationLog, Pair, load_pairs, read_log
+from pipeline.annotation.log import AnnotationLog, Pair, load_pairs, read_log
+from pipeline.annotation.stats import annotation_stats, print_stats
 from pipeline.artifacts import atomic_write_text
 from pipeline.config import UserError, config, field
 
@@ -99,7 +100,5 @@ def run(cfg: AnnotateExportConfig) -> dict:
     kind = "conversational" if isinstance(rows[0]["chosen"], list) else "standard"
     print(f"exported {len(rows)} of {len(pairs)} pairs to {cfg.out} ({kind}, {cfg.rule} rule); left out: {summary}")
     if cfg.stats:
-        from pipeline.annotate_stats import annotation_stats, print_stats
-
         print_stats(annotation_stats(log))
     return {"exported": len(rows), **{k: v for k, v in outcomes.items()}}

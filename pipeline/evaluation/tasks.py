@@ -5,7 +5,7 @@ both and gives the same prompts: `doc_to_text`, `doc_to_target`, `doc_to_choice`
 template; the eval document's prompt is `description + shots + doc_to_text(doc)`, each shot being
 `doc_to_text + target_delimiter + answer + fewshot_delimiter`. Shots are drawn as the harness draws them: one
 `random.Random(fewshot_seed)` per task, used for the documents in order, `sample(pool, n + 1)` minus the document
-itself when the pool is the evaluated split. `lmeval_task_config` writes the same task for lm-evaluation-harness.
+itself when the pool is the evaluated split. evaluation/lmeval.py writes the same task for lm-evaluation-harness.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 from pipeline.config import ConfigError, UserError, config, field, validate_dict
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 @config
@@ -222,7 +222,7 @@ def load_split(spec: TaskSpec, split: str) -> list[dict]:
             missing = [f for f in files if not Path(f).is_file()]
             if missing:
                 raise UserError(f"task {spec.task}: data file not found: {missing[0]}")
-            builder = _FORMATS.get(Path(files[0]).suffix)
+            builder = DATA_FORMATS.get(Path(files[0]).suffix)
             if builder is None:
                 raise UserError(f"task {spec.task}: cannot read {files[0]} (expected .jsonl/.json/.parquet/.csv)")
             ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
@@ -374,7 +374,8 @@ def filter_answer(spec: TaskSpec, text: str) -> str:
     return text.strip() if f.strip else text
 
 
-def exact_match(spec: TaskSpec, answer: str, target: str) -> bool:
+def answer_matches(spec: TaskSpec, answer: str, target: str) -> bool:
+    """lm-eval's exact_match of one filtered answer against its target, with the task's options."""
     em = spec.exact_match
     for pattern in em.regexes_to_ignore:
         answer, target = re.sub(pattern, "", answer), re.sub(pattern, "", target)
@@ -385,53 +386,3 @@ def exact_match(spec: TaskSpec, answer: str, target: str) -> bool:
         table = str.maketrans("", "", drop)
         answer, target = answer.translate(table), target.translate(table)
     return answer == target
-
-
-# --- the same task for lm-evaluation-harness --------------------------------------------------------------------
-
-
-def lmeval_task_config(spec: TaskSpec) -> dict:
-    """The task as an lm-evaluation-harness YAML mapping (local data as its `json`/`parquet` builder), so both
-    tools can be run on the same documents and shots."""
-    out: dict[str, Any] = {"task": spec.task, "output_type": spec.output_type}
-    if spec.data_files:
-        builder = _FORMATS[Path(next(iter(spec.data_files.values()))[0]).suffix]
-        out |= {"dataset_path": builder, "dataset_kwargs": {"data_files": dict(spec.data_files)}}
-    else:
-        out |= {"dataset_path": spec.dataset_path, "dataset_name": spec.dataset_name}
-    for key in ("training_split", "validation_split", "test_split", "fewshot_split", "doc_to_text",
-                "doc_to_target", "doc_to_choice", "description", "target_delimiter", "fewshot_delimiter",
-                "num_fewshot"):  # fmt: skip
-        value = getattr(spec, key)
-        if value is not None:
-            out[key] = value
-    out["fewshot_config"] = {"sampler": spec.fewshot_sampler}
-    if spec.output_type == "multiple_choice":
-        out["metric_list"] = [
-            {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
-        ]
-    elif spec.output_type == "generate_until":
-        em = spec.exact_match
-        out["metric_list"] = [
-            {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": em.ignore_case,
-             "ignore_punctuation": em.ignore_punctuation, "ignore_numbers": em.ignore_numbers,
-             "regexes_to_ignore": list(em.regexes_to_ignore)}
-        ]  # fmt: skip
-        gen = spec.generation_kwargs
-        out["generation_kwargs"] = {
-            "until": list(gen.until if gen.until is not None else [spec.fewshot_delimiter]),
-            "max_gen_toks": gen.max_gen_toks, "do_sample": gen.do_sample, "temperature": gen.temperature,
-        }  # fmt: skip
-        steps = []
-        f = spec.answer_filter
-        if f.regex is not None:
-            steps.append({"function": "regex", "regex_pattern": f.regex, "group_select": f.group_select,
-                          "fallback": f.fallback})  # fmt: skip
-        if f.strip:
-            steps.append({"function": "remove_whitespace"})
-        out["filter_list"] = [{"name": "none", "filter": [*steps, {"function": "take_first"}]}]
-    elif spec.output_type == "loglikelihood":
-        out["metric_list"] = [{"metric": "perplexity"}, {"metric": "acc"}]
-    else:
-        out["metric_list"] = [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]
-    return out

@@ -24,16 +24,16 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import UserError
+from pipeline.data import jsonl_objects
+from pipeline.formats import CHAT_ROLES, message_problem
 
 LABELS = ("a", "b", "tie", "both_bad", "skip")
 DECISIVE = ("a", "b")  # the labels that become a (chosen, rejected) row
 LOG_VERSION = 1
-_ROLES = ("system", "user", "assistant")
 
 
 # --- pairs ------------------------------------------------------------------------------------------------------
@@ -62,36 +62,6 @@ def pairs_hash(pairs: list[Pair]) -> str:
     return hashlib.sha256("\n".join(sorted(p.id for p in pairs)).encode()).hexdigest()[:16]
 
 
-def _message_problem(value: Any, key: str, roles: tuple[str, ...]) -> str | None:
-    if isinstance(value, str):
-        return None if value.strip() else f"{key!r} is empty"
-    if not isinstance(value, list) or not value:
-        return f"{key!r} must be a string or a non-empty list of messages, got {json.dumps(value)[:60]}"
-    for message in value:
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            return f"{key!r} has an entry that is not a message with text content: {json.dumps(message)[:60]}"
-        if message.get("role") not in roles:
-            return f"{key!r} has role {message.get('role')!r}; expected one of {roles}"
-    return None
-
-
-def jsonl_objects(path: str | Path, problems: list[str]) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each line of a JSONL file; a line that is no JSON object goes to `problems`."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{lineno}: malformed JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                continue
-            yield lineno, row
-
-
 def raise_problems(problems: list[str], most: int = 20) -> None:
     if problems:
         more = [f"... and {len(problems) - most} more problems"] if len(problems) > most else []
@@ -114,8 +84,9 @@ def load_pairs(path: str | Path) -> list[Pair]:
                 f"(every line needs prompt, response_a, response_b; it has {sorted(row)})"
             )
             continue
-        checks = [_message_problem(row["prompt"], "prompt", _ROLES)]
-        checks += [_message_problem(row[k], k, ("assistant",)) for k in ("response_a", "response_b")]
+        checks = [message_problem(row["prompt"], "prompt", roles=CHAT_ROLES, allow_text=True)]
+        checks += [message_problem(row[k], k, roles=("assistant",), allow_text=True)
+                   for k in ("response_a", "response_b")]  # fmt: skip
         if row["response_a"] == row["response_b"]:
             checks.append("response_a and response_b are identical: there is nothing to choose")
         if any(checks):

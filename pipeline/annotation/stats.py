@@ -1,35 +1,19 @@
-"""Statistics of an annotation log: labels per annotator, agreement, position bias.
-
-    llmpipe annotate stats --log labels.jsonl [json=true]
+"""Agreement statistics of an annotation log: labels per annotator, Cohen's and Fleiss' kappa, position bias.
 
 Agreement is Cohen's kappa for each pair of annotators (on the pairs both labelled, skips left out) and, with three
-or more annotators, Fleiss' kappa over the pairs that have the most common number of labels. Kappa near 1: the
-annotators agree far beyond chance; near 0: no better than chance. Position bias is the share of A/B decisions that
-picked the side shown on the left, with a 95% Wilson interval: far from 50% means the screen, not the content,
-decides. Computed with statsmodels; only the current labels count (undone ones do not).
+or more annotators, Fleiss' kappa over the pairs that have the most common number of labels. Position bias is the
+share of A/B decisions that picked the side shown on the left, with a 95% Wilson interval. Computed with
+statsmodels; only the current labels count (undone ones do not).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import warnings
 from functools import partial
 
-from pipeline.annotation_log import DECISIVE, LABELS, AnnotationLog, read_log
-from pipeline.config import config, field
-
-FLAGS = ("log",)
-
-
-@config
-class AnnotateStatsConfig:
-    log: str = field(help="The annotation log (JSONL) written by `llmpipe annotate`.")
-    json: bool = field(False, "Print the statistics as one JSON object instead of tables.")
-
-
-Config = AnnotateStatsConfig
+from pipeline.annotation.log import DECISIVE, LABELS, AnnotationLog
 
 
 def _rates(labels: list[dict]) -> dict:
@@ -57,6 +41,7 @@ def _kappa(compute) -> float:
 
 
 def annotation_stats(log: AnnotationLog) -> dict:
+    """Per-annotator and overall rates, Cohen's kappa per pair of annotators, Fleiss' kappa (3+ annotators)."""
     import numpy as np
     from statsmodels.stats.inter_rater import aggregate_raters, cohens_kappa, fleiss_kappa, to_table
 
@@ -98,6 +83,7 @@ def _num(x: float) -> str:
 
 
 def print_stats(stats: dict) -> None:
+    """The statistics of `annotation_stats` as rich tables and lines."""
     from rich.console import Console
     from rich.table import Table
 
@@ -126,20 +112,3 @@ def print_stats(stats: dict) -> None:
     if stats["fleiss_kappa"] is not None:
         f = stats["fleiss_kappa"]
         console.print(f"Fleiss' kappa: {_num(f['kappa'])} on {f['pairs']} pairs, {f['raters_per_pair']} labels each")
-
-
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def run(cfg: AnnotateStatsConfig) -> dict:
-    stats = annotation_stats(read_log(cfg.log))
-    if cfg.json:
-        print(json.dumps(_nan_to_none(stats), indent=2))
-    else:
-        print_stats(stats)
-    return stats

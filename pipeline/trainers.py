@@ -1,15 +1,14 @@
-"""What the stages built on trl's trainers share: the optimisation section, TrainingArguments, resume, saving.
-
-Kept small on purpose: each stage still builds its own trl config and trainer in plain sight.
-"""
+"""What the stages built on trl's trainers (sft, reward, dpo) share: the optimisation section, TrainingArguments,
+resume, saving, the manifest's launch facts, metrics.jsonl. Each stage still builds its own trl config and trainer
+in plain sight."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pipeline.artifacts import check_resume_config
 from pipeline.config import UserError, config, field
+from pipeline.distributed import on_gpu, resolve_precision
 
 
 @config
@@ -29,19 +28,10 @@ class TrlTrainConfig:
     gradient_checkpointing: bool = field(False, "Recompute activations in backward (less memory, slower).")
 
 
-def on_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-
-
 def training_kwargs(train: TrlTrainConfig, precision: str, checkpoints: Path) -> dict:
     """Keyword arguments every trl config takes. trl defaults to bf16 and refuses a CPU without use_cpu=True,
     and with use_cpu alone keeps bf16 autocast on (2.3x slower here): both are set explicitly."""
-    import torch
-
-    gpu = on_gpu()
-    bf16 = precision == "bf16" or (precision == "auto" and gpu and torch.cuda.is_bf16_supported())
+    mixed = resolve_precision(precision)
     return dict(
         output_dir=str(checkpoints), seed=train.seed, learning_rate=train.lr, max_steps=train.max_steps,
         num_train_epochs=train.epochs, per_device_train_batch_size=train.micro_batch_size,
@@ -49,8 +39,8 @@ def training_kwargs(train: TrlTrainConfig, precision: str, checkpoints: Path) ->
         gradient_accumulation_steps=train.gradient_accumulation_steps, warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay, lr_scheduler_type=train.lr_scheduler, logging_steps=train.logging_steps,
         save_steps=train.save_steps, save_total_limit=train.save_total_limit,
-        gradient_checkpointing=train.gradient_checkpointing, report_to="none", use_cpu=not gpu, bf16=bf16,
-        dataloader_num_workers=0,
+        gradient_checkpointing=train.gradient_checkpointing, report_to="none", use_cpu=not on_gpu(),
+        bf16=mixed == "bf16", fp16=mixed == "fp16", dataloader_num_workers=0,
     )  # fmt: skip
 
 
@@ -74,43 +64,10 @@ def trainer_resume_point(checkpoints: Path, resume: str, cfg=None) -> str | None
     return found
 
 
-@config
-class LoraSection:
-    enabled: bool = field(False, "Train LoRA adapters (peft) instead of all weights.")
-    r: int = field(16, "Adapter rank.", ge=1)
-    alpha: int = field(32, "Adapter scaling numerator (scale = alpha / r).", ge=1)
-    dropout: float = field(0.05, "Dropout on the adapter input.", ge=0.0, lt=1.0)
-    target_modules: str | list[str] = field(
-        "all-linear", "Modules to adapt: 'all-linear' (every linear layer but the output head) or a list of names."
-    )
-    merge: bool = field(True, "Merge the adapters into the saved model (loads without peft); else save adapters.")
-
-
-def peft_config(lora: LoraSection, task_type: str = "CAUSAL_LM"):
-    """The peft LoraConfig for a LoraSection, or None when LoRA is off."""
-    if not lora.enabled:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, task_type=task_type)  # fmt: skip
-
-
-def save_trained_model(trainer, tokenizer, folder: Path, merge: bool, generation_config=None) -> None:
-    """save_pretrained (safetensors) of the trained model; LoRA adapters merged into the weights when asked."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    if generation_config is not None:
-        generation_config.save_pretrained(folder)
-
-
 def load_preference_splits(cfg, tokenizer) -> tuple:
     """Train and held-out preference pairs of a reward/dpo config (eval_data, or eval_fraction split off data),
     every row checked; conversations need the tokenizer's chat template."""
-    from pipeline.data import load_preference_pairs
+    from pipeline.formats import load_preference_pairs
 
     train_ds, conversational = load_preference_pairs(cfg.data)
     if cfg.eval_data is not None:
@@ -124,23 +81,6 @@ def load_preference_splits(cfg, tokenizer) -> tuple:
             "use a tokenizer stage folder (tokenizer=...) or a chat model"
         )
     return train_ds, eval_ds
-
-
-def launch_facts(trainer) -> dict:
-    """How the run was laid out, for the manifest: processes, Accelerate's distributed type, precision, and a
-    checksum of each rank's parameters (equal on every rank when data-parallel training kept them in sync; under
-    ZeRO-3 each rank holds a shard). Every process must call it."""
-    from accelerate.utils import gather_object
-
-    state = trainer.accelerator.state
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    return {
-        "world_size": state.num_processes,
-        "distributed_type": str(state.distributed_type).rsplit(".", 1)[-1],
-        "mixed_precision": str(state.mixed_precision),
-        "param_checksum_by_rank": gather_object([checksum]),
-    }
 
 
 def evaluation_at_start(trainer) -> dict:
@@ -170,3 +110,21 @@ def metrics_jsonl_callback(out: Path, resume_from: str | None):
                 metrics.write(state.global_step, logs)
 
     return WriteMetrics()
+
+
+def generation_eval_rows(cfg) -> list[dict]:
+    """The `generation_eval` rows (question, answer) of a stage config with the generation_eval keys ([]: none)."""
+    if cfg.generation_eval is None:
+        return []
+    from pipeline.formats import load_reference_answers
+
+    return load_reference_answers(cfg.generation_eval, cfg.generation_eval_max)
+
+
+def generation_eval(model, tokenizer, rows: list[dict], max_new_tokens: int) -> tuple[float | None, list[dict]]:
+    """Greedy exact match on the generation_eval rows and three examples; (None, []) without rows."""
+    if not rows:
+        return None, []
+    from pipeline.generation import heldout_exact_match
+
+    return heldout_exact_match(model, tokenizer, rows, max_new_tokens)

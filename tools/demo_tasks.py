@@ -1,6 +1,6 @@
 """Few-shot pool for the demo-world eval tasks: questions about TRAIN people and train-pool arithmetic.
 
-    python -m pipeline.demo_tasks --out data/tasks/demo --seed 0
+    python -m tools.demo_tasks --out data/tasks/demo --seed 0
 
 data/demo/eval.jsonl (held-out people, reserved arithmetic) is what the demo tasks evaluate; this file is where
 their shots come from, in the same schema (id, kind, question, answer, choices, gold), so a shot never gives
@@ -14,7 +14,7 @@ import json
 import random
 from pathlib import Path
 
-from pipeline.demo_world import build_world, choices_for, train_items, write_atomic
+from tools.demo_world import build_world, choices_for, train_items, write_atomic
 
 
 def build_pool(seed: int) -> list[dict]:

@@ -1,0 +1,140 @@
+"""Rows in trl's dataset formats, read and checked row by row before any compute: chat messages (the one
+validator every command uses), preference pairs, prompts with their reference answers."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.config import DataConfig, UserError
+from pipeline.data import load_examples
+
+# --- chat messages: one check for every command that reads them ------------------------------------------------
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def message_problem(
+    value, key: str, roles: tuple[str, ...] = CHAT_ROLES, allow_text: bool = False, last_role: str | None = None
+) -> str | None:
+    """What is wrong with a message list (or, with `allow_text`, a string) in column `key`, or None: an empty
+    value, an entry that is not {role, content: str}, a role outside `roles`, a last message not from `last_role`."""
+    if isinstance(value, str) and allow_text:
+        return None if value.strip() else f"{key!r} is empty"
+    expected = "a string or a non-empty list of messages" if allow_text else "a non-empty list of messages"
+    if not isinstance(value, list) or not value:
+        return f"{key!r} must be {expected}, got {json.dumps(value)[:60]}"
+    for position, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return f"{key!r} message {position} is not a message with text content: {json.dumps(message)[:60]}"
+        if message.get("role") not in roles:
+            return f"{key!r} message {position} has role {message.get('role')!r}; expected one of {', '.join(roles)}"
+    if last_role is not None and value[-1]["role"] != last_role:
+        return f"{key!r} ends with a {value[-1]['role']!r} message; the last message must be the {last_role}'s"
+    return None
+
+
+# --- preference pairs -------------------------------------------------------------------------------------------
+
+
+def load_preference_pairs(cfg: DataConfig):
+    """Pairs in trl's preference formats (explicit or implicit prompt, strings or message lists), checked row by
+    row before any training: returns (dataset with prompt?/chosen/rejected, is_conversational)."""
+    ds = load_examples(cfg, required=["chosen", "rejected"])
+    ds = ds.select_columns([c for c in ("prompt", "chosen", "rejected") if c in ds.column_names])
+    source = str(cfg.path)
+    conversational = isinstance(ds[0]["chosen"], list)
+    keys = ("prompt", "chosen", "rejected") if "prompt" in ds.column_names else ("chosen", "rejected")
+    for i, row in enumerate(ds):
+        for key in keys:
+            value = row.get(key)
+            if value is None or (isinstance(value, (str, list)) and len(value) == 0):
+                raise UserError(f"{source}: row {i}: {key!r} is missing or empty")
+            if conversational != isinstance(value, list):
+                raise UserError(f"{source}: row {i}: {key!r} mixes message lists and plain strings")
+            problem = message_problem(value, key) if conversational else None
+            if problem:
+                raise UserError(f"{source}: row {i}: {problem}")
+        if row["chosen"] == row["rejected"]:
+            raise UserError(f"{source}: row {i}: chosen and rejected are identical")
+    return ds, conversational
+
+
+def prompt_key(prompt: str | list) -> str:
+    """One string per distinct prompt (text or message list), to keep each prompt once."""
+    return json.dumps(prompt, sort_keys=True)
+
+
+def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
+    """Rows with a reference answer for greedy exact match: `question`/`answer` rows, or preference pairs with an
+    explicit prompt (`prompt` + `chosen`: the chosen reply is the reference), as trl writes them. Returns at most
+    `limit` rows `{"question": str or message list, "answer": str}`, one per distinct question, in file order."""
+    ds = load_examples(cfg, required=[])
+    columns = ds.column_names
+    if {"question", "answer"} <= set(columns):
+        pairs = ((row["question"], row["answer"]) for row in ds.select_columns(["question", "answer"]))
+    elif {"prompt", "chosen"} <= set(columns):
+        pairs = ((row["prompt"], _final_reply(row["chosen"])) for row in ds.select_columns(["prompt", "chosen"]))
+    else:
+        raise UserError(f"data: {cfg.path} needs `question` and `answer` columns, or `prompt` and `chosen` "
+                        f"(a preference file); it has {columns}")  # fmt: skip
+    rows, seen = [], set()
+    for index, (question, answer) in enumerate(pairs):
+        if not question or not isinstance(question, (str, list)) or not isinstance(answer, str) or not answer:
+            raise UserError(f"data: {cfg.path}: row {index}: empty or non-text question or reference answer")
+        key = prompt_key(question)
+        if key not in seen:
+            seen.add(key)
+            rows.append({"question": question, "answer": answer})
+        if len(rows) == limit:
+            break
+    return rows
+
+
+REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution")
+
+
+def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False) -> list[dict]:
+    """Each distinct prompt once, in file order, with its reference answer if the rows have one:
+    `[{"prompt": str or message list, "reference": str or None}]`.
+
+    Prompts: a `prompt` column, or `messages` without its final assistant turn (which is then the reference).
+    Reference: the `reference_key` column (a string, or a message list whose last assistant message counts), or
+    with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
+    `want_reference` makes a missing reference column an error naming the columns present."""
+    ds = load_examples(cfg, required=[])
+    columns = ds.column_names
+    if "prompt" in columns:
+        prompts = list(ds["prompt"])
+        references = None
+    elif "messages" in columns:
+        chats = list(ds["messages"])
+        prompts = [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in chats]
+        references = [_final_reply(m) if m and m[-1].get("role") == "assistant" else None for m in chats]
+    else:
+        raise UserError(f"data: {cfg.path} has no `prompt` or `messages` column (columns: {columns})")
+    if reference_key is not None and reference_key not in columns:
+        raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
+    key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)
+    if key is not None:
+        references = [_final_reply(v) if isinstance(v, (str, list)) else None for v in ds[key]]
+    if want_reference and references is None:
+        raise UserError(f"data: {cfg.path} has no reference answers: no `messages` and none of the columns "
+                        f"{list(REFERENCE_COLUMNS)} (columns: {columns}); set reference_key")  # fmt: skip
+    rows: dict[str, dict] = {}
+    for index, prompt in enumerate(prompts):
+        if not prompt or not isinstance(prompt, (str, list)):
+            raise UserError(f"data: {cfg.path}: row {index} has an empty prompt or one that is not text/messages")
+        reference = references[index] if references is not None else None
+        if want_reference and not reference:
+            raise UserError(f"data: {cfg.path}: row {index} has no reference answer"
+                            + (f" in column {key!r}" if key else ""))  # fmt: skip
+        rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
+    return list(rows.values())
+
+
+def _final_reply(chosen) -> str:
+    """The text of a chosen reply: a string, or the last assistant message of a message list."""
+    if isinstance(chosen, str):
+        return chosen
+    replies = [m.get("content") for m in chosen if isinstance(m, dict) and m.get("role") == "assistant"]
+    return replies[-1] if replies and isinstance(replies[-1], str) else ""

@@ -1,0 +1,107 @@
+"""Generation for every command that makes a model write: stop tokens, prompts as token ids, batched sampling
+(rollouts for ppo and pairs) cut at the stop token, and greedy answers with exact match for held-out questions."""
+
+from __future__ import annotations
+
+from pipeline.rewards import exact_match
+
+END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")  # ours, Llama 3, ChatML, Gemma
+
+
+def generation_config(tokenizer):
+    """Greedy by default; stop at EOS and at any end-of-turn token the tokenizer has (ours, Llama 3, ChatML)."""
+    from transformers import GenerationConfig
+
+    stops = [tokenizer.eos_token_id]
+    for token in END_OF_TURN_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token in tokenizer.get_vocab() and token_id not in stops:
+            stops.append(token_id)
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False, max_new_tokens=64,
+    )  # fmt: skip
+
+
+def as_messages(question) -> list[dict]:
+    """A question as a conversation: a message list as it is, a string as one user turn."""
+    return question if isinstance(question, list) else [{"role": "user", "content": question}]
+
+
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt: message lists through the chat template with the generation prompt (which holds
+    BOS where the model wants one), strings as the tokenizer encodes them."""
+    ids = []
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            ids.append(tokenizer(prompt)["input_ids"])
+    return ids
+
+
+def rollout(
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+    top_p: float = 1.0, greedy: bool = False,
+) -> dict:  # fmt: skip
+    """Sample one response per prompt (left-padded batch, KV cache) and cut it after its first stop token.
+
+    Returns ids = prompt + response (the response padded after its stop token), attention_mask, context_length,
+    responses, mask (response tokens kept), has_stop, last_index, generated_tokens (as `generate` produced)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from pipeline.rl.core import truncate_after_stop
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompt_ids)
+    pad = tokenizer.pad_token_id
+    prompts = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+    stops = generation_config(tokenizer).eos_token_id
+    sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    gen_config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                                  bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling)  # fmt: skip
+    with torch.no_grad():
+        output = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_config)
+    generated = output[:, width:]
+    responses, mask, has_stop, last_index = truncate_after_stop(generated, stops, pad)
+    return {
+        "ids": torch.cat([prompts, responses], 1), "attention_mask": torch.cat([prompt_mask, mask], 1),
+        "context_length": width, "responses": responses, "mask": mask, "has_stop": has_stop,
+        "last_index": last_index, "generated_tokens": int((generated != pad).sum()),
+    }  # fmt: skip
+
+
+def greedy_answers(model, tokenizer, questions: list, max_new_tokens: int, batch_size: int = 32) -> dict:
+    """The model's greedy answer to each question (a string is one user turn; chat template, generation prompt),
+    `batch_size` questions per generate call, in eval mode. Returns texts (special tokens dropped, not stripped)
+    and stopped (a stop token came before max_new_tokens)."""
+    was_training = model.training
+    model.eval()
+    ids = encode_prompts(tokenizer, [as_messages(q) for q in questions])
+    texts, stopped = [], []
+    try:
+        for start in range(0, len(ids), batch_size):
+            batch = rollout(model, tokenizer, ids[start : start + batch_size], max_new_tokens, greedy=True)
+            texts += tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+            stopped += batch["has_stop"].tolist()
+    finally:
+        model.train(was_training)
+    return {"texts": texts, "stopped": stopped}
+
+
+def greedy_exact_match(rows: list[dict], texts: list[str]) -> tuple[float, list[dict]]:
+    """Share of rows (`question`, `answer`) whose greedy answer equals `answer` under rewards.exact_match, and the
+    first three answers as examples."""
+    hits = exact_match([r["question"] for r in rows], texts, [str(r["answer"]) for r in rows])
+    examples = [{"question": r["question"], "answer": r["answer"], "generated": t.strip()}
+                for r, t in zip(rows[:3], texts[:3], strict=True)]  # fmt: skip
+    return sum(hits) / len(hits), examples
+
+
+def heldout_exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int) -> tuple[float, list[dict]]:
+    """Greedy exact match of a model on held-out questions: (share right, first three examples)."""
+    answers = greedy_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens)
+    return greedy_exact_match(rows, answers["texts"])

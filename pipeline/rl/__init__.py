@@ -1,0 +1,2 @@
+"""Reinforcement learning from rewards, the parts a command assembles: core.py (tensor arithmetic of PPO: KL, GAE,
+losses) and policy.py (scoring passes of the policy and the critic)."""

@@ -1,0 +1,102 @@
+"""The models of an RL step: scoring forward passes of the policy (position ids that skip left padding,
+temperature-scaled logits), the critic in each of its forms, and dropout switched off (A8)."""
+
+from __future__ import annotations
+
+from pipeline.config import UserError
+from pipeline.rl.core import position_ids_from_mask, response_logits
+
+# value_model settings that name a kind of critic rather than a model path
+CRITIC_KINDS = ("reward", "policy", "head", "none")
+
+
+def critic_source(value_model: str | None, reward_model: str | None) -> str:
+    """The critic a config asks for, decided once: 'reward', 'policy', 'head', 'none' or a model path.
+    None means a copy of the reward model when there is one (N+), else of the policy."""
+    return value_model or ("reward" if reward_model else "policy")
+
+
+def policy_forward(model, batch: dict, rows, temperature: float):
+    """Temperature-scaled logits at the response positions, with position ids that skip the left padding (A1)."""
+    mask = batch["attention_mask"][rows]
+    logits = model(input_ids=batch["ids"][rows], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False).logits  # fmt: skip
+    return response_logits(logits, batch["context_length"], temperature)
+
+
+def make_critic(model):
+    """The critic: a sequence-classification model whose score head is read at every token, not pooled."""
+    import torch
+
+    if not hasattr(model, "score"):
+        raise UserError(f"value_model: {type(model).__name__} has no `score` head to read values from")
+
+    class Critic(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            body = getattr(self.inner, self.inner.base_model_prefix)
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state  # fmt: skip
+            return self.inner.score(hidden).squeeze(-1).float()
+
+    return Critic(model)
+
+
+def critic_forward(critic, batch: dict, rows):
+    mask = batch["attention_mask"][rows]
+    values = critic(batch["ids"][rows], mask, position_ids_from_mask(mask))
+    return values[:, batch["context_length"] - 1 : -1]  # V(state before each response token)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere (A8): modules and the float attention-dropout attributes attention layers read."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def with_value_head(policy):
+    """`value_model: head`: a linear value head on the policy's last hidden state, one trunk for both (with LoRA,
+    policy, reference and critic then share one frozen base). Initialised as N+ does: std 1/sqrt(hidden + 1)."""
+    import torch
+
+    class PolicyWithValueHead(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.policy = inner
+            hidden = inner.config.hidden_size
+            self.value_head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.normal_(self.value_head.weight, std=1 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(self.value_head.bias)
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, output_hidden_states=True)  # fmt: skip
+            out["token_values"] = self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+            return out
+
+    return PolicyWithValueHead(policy)
+
+
+def logits_and_values(source: str, model, critic, batch: dict, rows, temperature: float):
+    """Response logits and per-token values for the critic `source` (critic_source): two models (a separate critic),
+    one pass through a policy with a value head ('head'), or zeros ('none': no critic)."""
+    import torch
+
+    if source == "none":
+        logits = policy_forward(model, batch, rows, temperature)
+        return logits, torch.zeros(logits.shape[:2], device=logits.device)
+    if source != "head":
+        return policy_forward(model, batch, rows, temperature), critic_forward(critic, batch, rows)
+    mask = batch["attention_mask"][rows]
+    out = model(input_ids=batch["ids"][rows], attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    context = batch["context_length"]
+    return response_logits(out.logits, context, temperature), out["token_values"][:, context - 1 : -1]

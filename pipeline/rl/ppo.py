@@ -1,0 +1,244 @@
+"""The PPO step for language models, as the ppo command runs it: its config sections, the models it works with
+(the critic's kind decided once), scoring a rollout (log-probs, KL-penalised rewards, GAE), the clipped update over
+minibatches with its guardrails, and the step's metrics averaged over processes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoints import stopped_message
+from pipeline.config import StageFailed, config, field
+from pipeline.rl.core import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_estimate,
+    leave_one_out,
+    masked_mean,
+    masked_whiten,
+    penalise_missing_stop,
+    policy_loss,
+    token_logprobs,
+    token_rewards,
+    value_loss,
+)
+from pipeline.rl.policy import logits_and_values, policy_forward
+
+# --- config sections ----------------------------------------------------------------------------------------------
+
+
+@config
+class RolloutSection:
+    max_new_tokens: int = field(16, "Longest response in tokens; responses stop at EOS or end-of-turn.", ge=1)
+    temperature: float = field(1.0, "Sampling temperature; the same T divides the logits in training (A6).", gt=0)
+    top_p: float = field(1.0, "Nucleus sampling; 1.0 samples the full softmax the loss assumes (A5).", gt=0, le=1)
+    max_prompt_length: int = field(128, "Prompts longer than this many tokens are dropped.", ge=1)
+    missing_eos_penalty: float | None = field(
+        1.0, "Subtracted from the score of a response with no stop token (trl's rule); null: no penalty.", ge=0
+    )
+    samples_per_prompt: int = field(
+        1,
+        "Responses sampled per prompt (rollout_batch_size counts responses; each prompt's are on one process).",
+        ge=1,
+    )
+
+
+@config
+class KLSection:
+    coef: float = field(0.05, "KL penalty coefficient beta (the starting value when adaptive).", ge=0)
+    estimator: str = field("k1", "Per-token KL estimator: k1 (log ratio) or k3 (non-negative, lower variance).")
+    target: float | None = field(None, "Adaptive beta aims at this per-sequence KL in nats; null: fixed beta.", gt=0)
+    horizon: int = field(10000, "Adaptive beta's horizon in sequences (Ziegler et al.).", ge=1)
+    max: float | None = field(
+        20.0, "Guardrail: stop when the mean per-sequence KL to the reference exceeds this (nats).", gt=0
+    )
+
+    def check(self) -> list[str]:
+        return [] if self.estimator in ("k1", "k3") else [f"estimator: got {self.estimator!r}, expected k1 or k3"]
+
+
+@config
+class PPOTrainConfig:
+    seed: int = field(0, "Seed for the prompt order, sampling and new weights.")
+    steps: int = field(100, "PPO steps: one rollout batch and its updates each.", ge=1)
+    rollout_batch_size: int = field(32, "Prompts per step over all processes.", ge=1)
+    ppo_epochs: int = field(4, "Passes over each rollout batch.", ge=1)
+    num_minibatches: int = field(2, "Optimizer steps per epoch (the rollout batch split in this many parts).", ge=1)
+    micro_batch_size: int = field(8, "Sequences per process per forward pass (gradients accumulate).", ge=1)
+    policy_lr: float = field(1e-5, "Policy learning rate (constant).", gt=0)
+    value_lr: float = field(1e-5, "Value model learning rate (constant).", gt=0)
+    grad_clip: float = field(1.0, "Clip each model's gradient norm to this (0: no clipping).", ge=0)
+    clip_range: float = field(0.2, "PPO ratio clip epsilon.", gt=0)
+    value_clip_range: float = field(0.2, "Value clip epsilon, around the rollout's values.", gt=0)
+    vf_coef: float = field(0.1, "Weight of the value loss in the summed loss.", gt=0)
+    gamma: float = field(1.0, "Discount.", ge=0, le=1)
+    lam: float = field(0.95, "GAE lambda.", ge=0, le=1)
+    whiten_rewards: bool = field(False, "Whiten the per-token rewards (scaled, mean kept) before GAE.")
+    score_baseline: str = field(
+        "none",
+        "none, or loo: subtract from each score the mean score of its prompt's other samples (RLOO's "
+        "baseline; needs rollout.samples_per_prompt >= 2) before the KL penalty and GAE.",
+    )
+    reward_clip: float | None = field(None, "Clip scores to [-c, c] before adding the KL penalty; null: none.", gt=0)
+    ratio_range: tuple[float, float] = field(
+        (0.2, 5.0), "Guardrail: stop when a minibatch's mean ratio pi/pi_old leaves this range."
+    )
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of one rank's sampling and minibatch order at one step: a resumed run draws the same."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def guardrail(checkpoints: Path, step: int, what: str) -> StageFailed:
+    """The error that stops a run whose step went wrong (`what`), naming the intact checkpoint to resume from."""
+    return StageFailed(stopped_message(checkpoints, step, what, "Lower train.policy_lr, raise kl.coef or widen "
+                                       "the guardrail (kl.max, train.ratio_range)"))  # fmt: skip
+
+
+# --- models -------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Models:
+    """What a PPO step works with. `policy` and `critic` are as Accelerate prepared them (wrapped for DDP); with
+    critic 'head' the policy carries the value head and `critic` is None; `reference` is None with LoRA (the
+    policy with its adapters off)."""
+
+    accelerator: Any
+    policy: Any
+    critic: Any
+    reference: Any
+    critic_source: str  # rl.policy.critic_source: reward, policy, head, none or a model path
+
+    def causal_lm(self):
+        """The causal LM itself (unwrapped, without a value head): generation, the reference pass, saving."""
+        model = self.accelerator.unwrap_model(self.policy)
+        return model.policy if self.critic_source == "head" else model
+
+    def forward(self, batch: dict, rows, temperature: float, unwrapped: bool = False):
+        """Response logits and values (zeros without a critic); `unwrapped` for no-grad passes outside DDP."""
+        policy, critic = self.policy, self.critic
+        if unwrapped:
+            policy, critic = self.accelerator.unwrap_model(policy), critic and self.accelerator.unwrap_model(critic)
+        return logits_and_values(self.critic_source, policy, critic, batch, rows, temperature)
+
+    def reference_logits(self, batch: dict, rows, temperature: float):
+        if self.reference is not None:
+            return policy_forward(self.reference, batch, rows, temperature)
+        with self.causal_lm().disable_adapter():
+            return policy_forward(self.causal_lm(), batch, rows, temperature)
+
+
+# --- one step after the rollout: scoring, update, metrics -------------------------------------------------------
+
+
+def score_rollout(
+    models: Models, tokenizer, batch: dict, prompts: list, scorer, kl_coef: float, rollout: RolloutSection,
+    kl: KLSection, train: PPOTrainConfig,
+) -> dict:  # fmt: skip
+    """Rollout log-probs, reference log-probs and values (no grad), the scores (clipped, missing-stop penalty,
+    leave-one-out baseline), per-token KL and rewards, then GAE advantages (whitened) and returns."""
+    import torch
+
+    temperature = rollout.temperature
+    responses, mask = batch["responses"], batch["mask"].float()
+    with torch.no_grad():
+        old_logprobs, ref_logprobs, values = [], [], []
+        for rows in torch.arange(len(responses)).split(train.micro_batch_size):
+            logits, rollout_values = models.forward(batch, rows, temperature, unwrapped=True)
+            old_logprobs.append(token_logprobs(logits, responses[rows]))
+            values.append(rollout_values)
+            ref_logprobs.append(token_logprobs(models.reference_logits(batch, rows, temperature), responses[rows]))
+        old_logprobs, ref_logprobs, values = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        raw_scores = torch.tensor(scorer(prompts, texts), dtype=torch.float32, device=responses.device)
+        scores = raw_scores.clamp(-train.reward_clip, train.reward_clip) if train.reward_clip else raw_scores
+        scores = penalise_missing_stop(scores, batch["has_stop"], rollout.missing_eos_penalty)
+        if train.score_baseline == "loo":
+            scores = leave_one_out(scores, rollout.samples_per_prompt)
+        kl_tokens = kl_estimate(old_logprobs, ref_logprobs, kl.estimator) * mask
+        rewards = token_rewards(scores, kl_tokens, kl_coef, batch["last_index"], mask)
+        if train.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        no_critic = models.critic_source == "none"
+        advantages, returns = gae(rewards, values, mask, train.gamma, 1.0 if no_critic else train.lam)
+        advantages = masked_whiten(advantages, mask)
+    return {"texts": texts, "raw_scores": raw_scores, "scores": scores, "kl": kl_tokens, "mask": mask,
+            "values": values, "old_logprobs": old_logprobs, "advantages": advantages, "returns": returns}  # fmt: skip
+
+
+def ppo_update(
+    models: Models, optimizer, batch: dict, scored: dict, temperature: float, train: PPOTrainConfig, step: int,
+    checkpoints: Path,
+) -> dict:  # fmt: skip
+    """`ppo_epochs` passes over the rollout batch, a fresh permutation each (seeded by seed, step, rank), one
+    optimizer step per minibatch: clipped policy loss (+ clipped value loss with a critic), sequence-weighted.
+    Stops, before the optimizer step, when the loss is not finite or the mean ratio leaves train.ratio_range.
+    Returns each logged term's mean over micro-batches."""
+    import torch
+
+    accelerator = models.accelerator
+    responses, mask, device = batch["responses"], scored["mask"], accelerator.device
+    per_rank = len(responses)
+    minibatch = per_rank // train.num_minibatches
+    with_critic = models.critic_source != "none"
+    stats: dict[str, list] = {}
+    order_generator = torch.Generator().manual_seed(step_seed(train.seed, step, accelerator.process_index))
+    for _epoch in range(train.ppo_epochs):
+        order = torch.randperm(per_rank, generator=order_generator)
+        for part in order.split(minibatch):
+            check = torch.zeros(3, device=device)  # summed loss, mean ratio, non-finite count
+            for rows in part.split(train.micro_batch_size):
+                logits, new_values = models.forward(batch, rows, temperature)
+                new_logprobs = token_logprobs(logits, responses[rows])
+                pg_loss, pg_stats = policy_loss(new_logprobs, scored["old_logprobs"][rows], scored["advantages"][rows],
+                                                mask[rows], train.clip_range)  # fmt: skip
+                loss, terms = pg_loss, {"pg_loss": pg_loss, **pg_stats}
+                if with_critic:
+                    vf_loss, vf_stats = value_loss(new_values, scored["values"][rows], scored["returns"][rows],
+                                                   mask[rows], train.value_clip_range)  # fmt: skip
+                    loss, terms = loss + train.vf_coef * vf_loss, {**terms, "vf_loss": vf_loss, **vf_stats}
+                loss = loss * len(rows) / len(part)  # sequence-weighted mean
+                accelerator.backward(loss)
+                with torch.no_grad():
+                    terms["entropy"] = masked_mean(entropy_from_logits(logits), mask[rows])
+                for key, value in terms.items():
+                    stats.setdefault(key, []).append(float(value.detach()))
+                check += torch.stack([loss.detach(), pg_stats["ratio"] * len(rows) / len(part),
+                                      (~torch.isfinite(loss.detach())).float()])  # fmt: skip
+            check = accelerator.reduce(check, "mean")
+            low, high = train.ratio_range
+            if check[2] > 0:
+                raise guardrail(checkpoints, step, f"non-finite loss {check[0].item():.4g}")
+            if not low <= check[1].item() <= high:
+                raise guardrail(checkpoints, step, f"mean ratio {check[1].item():.3f} left train.ratio_range "
+                                f"{[low, high]}")  # fmt: skip
+            if train.grad_clip:
+                accelerator.clip_grad_norm_(models.policy.parameters(), train.grad_clip)
+                if models.critic is not None:
+                    accelerator.clip_grad_norm_(models.critic.parameters(), train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+def step_metrics(models: Models, batch: dict, scored: dict, stats: dict, kl_coef: float) -> dict:
+    """The step's metrics averaged over processes: reward, reward with the KL penalty, per-sequence KL, response
+    length, no-stop share, explained variance (with a critic) and the update's terms."""
+    import torch
+
+    kl, mask, device = scored["kl"], scored["mask"], models.accelerator.device
+    with_critic = models.critic_source != "none"
+    local = {
+        "reward": scored["raw_scores"].mean(), "reward_with_kl": (scored["scores"] - kl_coef * kl.sum(1)).mean(),
+        "kl": kl.sum(1).mean(), "response_length": batch["mask"].sum(1).float().mean(),
+        "no_eos_share": (~batch["has_stop"]).float().mean(),
+        **({"explained_variance": torch.tensor(explained_variance(scored["values"], scored["returns"], mask))}
+           if with_critic else {}),
+        **{k: torch.tensor(v) for k, v in stats.items()},
+    }  # fmt: skip
+    reduced = models.accelerator.reduce(torch.stack([v.float().to(device) for v in local.values()]), "mean")
+    return dict(zip(local, reduced.tolist(), strict=True))
