@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pipeline.rewards import exact_match
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")  # ours, Llama 3, ChatML, Gemma
@@ -41,11 +43,30 @@ def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
     return ids
 
 
+@contextmanager
+def only_these_settings(model):
+    """generate() fills every setting its GenerationConfig leaves unset (None) from the model's own
+    generation_config: a hub model's repetition_penalty, top_k, min_p, min_new_tokens or suppress_tokens would
+    then change what is sampled, and log-probs and KL computed from softmax(logits / T) would describe another
+    distribution. For the call, the model's own is an empty GenerationConfig: only transformers' neutral defaults
+    fill the gaps (its top_k 50 is overridden by ours)."""
+    from transformers import GenerationConfig
+
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the HF model generates
+    saved = owner.generation_config
+    owner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
+
+
 def rollout(
     model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
     top_p: float = 1.0, greedy: bool = False,
 ) -> dict:  # fmt: skip
-    """Sample one response per prompt (left-padded batch, KV cache) and cut it after its first stop token.
+    """Sample one response per prompt (left-padded batch, KV cache) and cut it after its first stop token. Exactly
+    softmax(logits / temperature), nucleus-cut at top_p: nothing from the model's generation_config applies.
 
     Returns ids = prompt + response (the response padded after its stop token), attention_mask, context_length,
     responses, mask (response tokens kept), has_stop, last_index, generated_tokens (as `generate` produced)."""
@@ -63,14 +84,17 @@ def rollout(
     sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     gen_config = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                                   bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling)  # fmt: skip
-    with torch.no_grad():
+    with torch.no_grad(), only_these_settings(model):
         output = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_config)
     generated = output[:, width:]
     responses, mask, has_stop, last_index = truncate_after_stop(generated, stops, pad)
+    # generate pads finished rows; with pad == EOS (Llama 3, SmolLM, Qwen bases) that pad looks like a stop token,
+    # so the kept tokens are counted by position instead
+    produced = int(mask.sum()) if pad in stops else int((generated != pad).sum())
     return {
         "ids": torch.cat([prompts, responses], 1), "attention_mask": torch.cat([prompt_mask, mask], 1),
         "context_length": width, "responses": responses, "mask": mask, "has_stop": has_stop,
-        "last_index": last_index, "generated_tokens": int((generated != pad).sum()),
+        "last_index": last_index, "generated_tokens": produced,
     }  # fmt: skip
 
 

@@ -175,20 +175,11 @@ def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
     from pipeline.generation import rollout
     from pipeline.rl.policy import disable_dropout, policy_forward
 
-    class Tok:  # what rollout() reads from a tokenizer
-        pad_token_id, eos_token_id, bos_token_id = 2, 1, 0
-
-        def convert_tokens_to_ids(self, token):
-            return None
-
-        def get_vocab(self):
-            return {}
-
     policy, reference = _gpt2(), _gpt2()
     disable_dropout(policy)
     torch.manual_seed(1)
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14]]
-    batch = rollout(policy, Tok(), prompts, max_new_tokens=8, temperature=0.7)
+    batch = rollout(policy, _Tok(), prompts, max_new_tokens=8, temperature=0.7)
     mask = batch["mask"].float()
     with torch.no_grad():
         old = ppo_core.token_logprobs(policy_forward(policy, batch, slice(None), 0.7), batch["responses"])
@@ -200,6 +191,55 @@ def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
     _, stats = ppo_core.policy_loss(new, old, torch.randn_like(new), mask, 0.2)
     assert torch.isclose(stats["ratio"], torch.tensor(1.0), atol=1e-5)
     assert stats["approx_kl"] < 1e-10 and stats["clipfrac"] == 0
+
+
+class _Tok:  # what rollout() reads from a tokenizer; pad 2, eos 1 as in _gpt2(), or pad == eos
+    eos_token_id, bos_token_id = 1, 0
+
+    def __init__(self, pad: int = 2):
+        self.pad_token_id = pad
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+    def get_vocab(self):
+        return {}
+
+
+def test_rollout_samples_only_what_it_is_told():  # A5, A6
+    """A model whose generation_config suppresses the greedy token and sets top_k 1, repetition_penalty and
+    min_new_tokens: none of it may reach rollout(), or log-probs and KL would describe another distribution."""
+    from pipeline.generation import rollout
+
+    model, prompt = _gpt2(), [5, 6, 7]
+    expected = list(prompt)  # greedy by hand: argmax of the logits, stop at EOS
+    with torch.no_grad():
+        for _ in range(6):
+            expected.append(int(model(torch.tensor([expected])).logits[0, -1].argmax()))
+            if expected[-1] == 1:
+                break
+    config = model.generation_config
+    config.suppress_tokens, config.top_k, config.repetition_penalty = [expected[3]], 1, 50.0
+    config.min_new_tokens, config.no_repeat_ngram_size = 6, 1
+    greedy = rollout(model, _Tok(), [prompt], max_new_tokens=6, greedy=True)
+    assert greedy["responses"][0][greedy["mask"][0].bool()].tolist() == expected[3:]
+    torch.manual_seed(0)
+    sampled = rollout(model, _Tok(), [prompt] * 32, max_new_tokens=6, temperature=1.0)
+    assert len({tuple(r) for r in sampled["responses"].tolist()}) > 8, "top_k 1 of the model's config leaked in"
+    assert model.generation_config.top_k == 1, "the model's own generation_config is restored"
+
+
+def test_pad_equal_to_eos_keeps_the_stop_token_in_the_mask():  # A2
+    """With pad == EOS (Llama 3, SmolLM): the first EOS is kept and trained on, the padding after it is not."""
+    kept, mask, has_stop, last = ppo_core.truncate_after_stop(torch.tensor([[5, 1, 1, 1], [5, 6, 7, 8]]), [1], 1)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and has_stop.tolist() == [True, False]
+    assert last.tolist() == [1, 3] and kept.tolist() == [[5, 1, 1, 1], [5, 6, 7, 8]]
+    from pipeline.generation import rollout
+
+    torch.manual_seed(0)
+    batch = rollout(_gpt2(), _Tok(pad=1), [[5, 6, 7], [9]], max_new_tokens=6, temperature=1.0)
+    assert batch["attention_mask"][1, :2].tolist() == [0, 0], "left padding is masked by position"
+    assert batch["generated_tokens"] == int(batch["mask"].sum())
 
 
 def test_critic_from_the_reward_model_starts_at_its_score():  # C9
@@ -321,6 +361,24 @@ def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
     first = metrics["first_step_prompts_by_rank"]
     assert len(first) == 32 and not set(first[:16]) & set(first[16:]), "ranks must sample different prompts"
     assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
+
+
+def test_a_tokenizer_whose_pad_is_eos_trains(tmp_path, tiny_policy, prompts, rule_reward_path):  # A2
+    """The policy's tokenizer pads with EOS, as Llama 3 and SmolLM ship: ppo runs, and stopped responses (the EOS
+    inside the mask) get their score."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    policy = shutil.copytree(tiny_policy, tmp_path / "pad_is_eos")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(policy)
+    out = tmp_path / "ppo"
+    result = run_cli(*ppo_args(out, policy, prompts, "train.steps=3", "train.ppo_epochs=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in history(out)] == [1, 2, 3]
+    assert AutoTokenizer.from_pretrained(out / "model").pad_token_id == tokenizer.eos_token_id
 
 
 @pytest.mark.parametrize("value_model", ["policy", "none"])

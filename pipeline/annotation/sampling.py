@@ -38,7 +38,7 @@ def sample_pairs(
     from transformers import AutoModelForCausalLM
 
     from pipeline.artifacts import atomic_write_text
-    from pipeline.generation import generation_config
+    from pipeline.generation import generation_config, only_these_settings
     from pipeline.modeling import load_tokenizer, resolve_model_path
 
     prompts = _read_prompts(prompts_path)
@@ -64,9 +64,9 @@ def sample_pairs(
         batches = [todo[start : start + sample_batch_size] for start in range(0, len(todo), sample_batch_size)]
         for batch_ids in tqdm(batches, desc=f"sampling 2 responses for {len(todo)} prompts", disable=not todo):
             batch = tokenizer.pad([{"input_ids": encoded[i]["input_ids"]} for i in batch_ids], return_tensors="pt")
-            with torch.no_grad():
+            with torch.no_grad(), only_these_settings(model):  # the configured sampling, no model defaults
                 out = model.generate(**batch.to(model.device), do_sample=True, temperature=temperature,
-                                     top_p=top_p, max_new_tokens=max_new_tokens, num_return_sequences=2,
+                                     top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=2,
                                      eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
             texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             for k, text in enumerate(texts):  # rows come as prompt 0 twice, prompt 1 twice, ...

@@ -197,12 +197,9 @@ def run(cfg: PPOConfig) -> dict | None:
     # --- check inputs before any compute: tokenizer, prompts, reward, batch arithmetic, resume point
     started = time.time()
     out = Path(cfg.output_dir)
-    policy_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(  # A2: with pad == eos the mask would hide every EOS and the policy never learns to stop
-            f"tokenizer of {cfg.init_from}: the pad token must exist and differ from EOS "
-            f"(pad {tokenizer.pad_token!r}, eos {tokenizer.eos_token!r}); add one, e.g. tokenizer.add_special_tokens"
-        )
+    # A2: pad may equal EOS (Llama 3, SmolLM, Qwen base models): every mask here is built from positions (left
+    # padding from prompt lengths, the response up to its first stop token), never from `ids != pad`
+    policy_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
     prompts = load_prompts(cfg.data)
     if any(isinstance(p, list) for p in prompts) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
