@@ -56,8 +56,23 @@ def load_reward_function(name: str, key: str):
     return score
 
 
+def reward_inputs(tokenizer, prompts: list, responses: list) -> list[list[int]]:
+    """The token ids trl's RewardTrainer trains on for each (prompt, response) pair, so that scoring sees what
+    training saw: conversations through the chat template (prompt + response messages); strings as
+    prompt + response + EOS (EOS added when missing) encoded with the tokenizer's own special tokens (BOS where it
+    adds one)."""
+    ids = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        if isinstance(prompt, list):
+            ids.append(tokenizer.apply_chat_template(prompt + response, tokenize=True, return_dict=True)["input_ids"])
+        else:
+            eos = tokenizer.eos_token
+            ids.append(tokenizer(text=prompt + (response if response.endswith(eos) else response + eos))["input_ids"])
+    return ids
+
+
 def score_pairs(model, tokenizer, prompts: list, responses: list, batch_size: int = 16) -> list[float]:
-    """Reward-model scores for (prompt, response) pairs, rendered exactly as training rendered them.
+    """Reward-model scores for (prompt, response) pairs, rendered exactly as training rendered them (reward_inputs).
 
     `prompts[i]` is a string or a message list; `responses[i]` a string or a message list of the same kind.
         model = AutoModelForSequenceClassification.from_pretrained("runs/tiny/reward/model")
@@ -66,24 +81,17 @@ def score_pairs(model, tokenizer, prompts: list, responses: list, batch_size: in
     """
     import torch
 
-    texts = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        if isinstance(prompt, list):
-            texts.append(tokenizer.apply_chat_template(prompt + response, tokenize=False))
-        else:
-            text = prompt + response
-            texts.append(text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token)
+    rows = reward_inputs(tokenizer, prompts, responses)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores: list[float] = []
     model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"  # the score is read at the last real token
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(model.device)  # fmt: skip
-                scores += model(**batch).logits[:, 0].float().tolist()
-    finally:
-        tokenizer.padding_side = side
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(r) for r in batch)  # right padding: the score is read at the last real token
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=model.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=model.device)
+            scores += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
     return scores
 
 

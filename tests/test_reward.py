@@ -98,3 +98,27 @@ def test_bad_preference_rows_are_named_before_training(tmp_path, base_model):
         assert result.returncode == 2, (name, result.stderr[-2000:])
         assert expected[name] in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["conversational", "standard"])
+def test_scoring_sees_the_token_ids_trl_trained_on(tmp_path, base_model, conversational):
+    """score_pairs (held-out accuracy, ppo's rewards) renders each pair exactly as trl's RewardTrainer did: the
+    same ids for chats and for strings (BOS and EOS included)."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from pipeline.modeling import model_and_tokenizer
+    from pipeline.rewards import reward_inputs
+
+    path, tokenizer = model_and_tokenizer(str(base_model), None, False, pad_with_eos=True)
+    rows = separable_pairs(6, 3, conversational)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    args = RewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=None)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    prompts = [r["prompt"] for r in rows]
+    for side in ("chosen", "rejected"):
+        ours = reward_inputs(tokenizer, prompts, [r[side] for r in rows])
+        assert ours == trainer.train_dataset[f"{side}_ids"], side
+    if not conversational:
+        assert ours[0][0] == tokenizer.bos_token_id and ours[0][-1] == tokenizer.eos_token_id
