@@ -42,6 +42,8 @@ def load_preference_pairs(cfg: DataConfig):
     ds = load_examples(cfg, required=["chosen", "rejected"])
     ds = ds.select_columns([c for c in ("prompt", "chosen", "rejected") if c in ds.column_names])
     source = str(cfg.path)
+    if "prompt" in ds.column_names and isinstance(ds[0]["prompt"], str) != isinstance(ds[0]["chosen"], str):
+        ds = _as_explicit_conversations(ds, source)
     conversational = isinstance(ds[0]["chosen"], list)
     keys = ("prompt", "chosen", "rejected") if "prompt" in ds.column_names else ("chosen", "rejected")
     for i, row in enumerate(ds):
@@ -57,6 +59,42 @@ def load_preference_pairs(cfg: DataConfig):
         if row["chosen"] == row["rejected"]:
             raise UserError(f"{source}: row {i}: chosen and rejected are identical")
     return ds, conversational
+
+
+def _as_explicit_conversations(ds, source: str):
+    """Public layouts that mix a string prompt with conversations, as trl's explicit conversational form
+    (prompt messages; chosen/rejected = the replies after them).
+
+    - HuggingFaceH4/ultrafeedback_binarized: `prompt` a string, `chosen`/`rejected` whole conversations that
+      repeat the user turn. The prompt becomes the messages the two conversations share (ending with a user
+      turn); the string must be that user turn's text, or the row is refused as disagreeing with itself.
+    - `prompt` messages with string replies: each reply becomes one assistant message."""
+    from datasets import Dataset
+
+    rows = []
+    for i, row in enumerate(ds):
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        if isinstance(prompt, list) and isinstance(chosen, str) and isinstance(rejected, str):
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})  # fmt: skip
+            continue
+        if not (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list)):
+            raise UserError(f"{source}: row {i}: 'prompt', 'chosen' and 'rejected' mix message lists and plain "
+                            "strings in a way no known layout does")  # fmt: skip
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        last_user = next((m for m in reversed(chosen[:shared]) if isinstance(m, dict) and m.get("role") == "user"),
+                         None)  # fmt: skip
+        if not shared or chosen[shared - 1].get("role") != "user" or last_user is None:
+            raise UserError(f"{source}: row {i}: 'chosen' and 'rejected' share no opening turns ending with the "
+                            "user's, so the prompt cannot be found in them")  # fmt: skip
+        if str(last_user.get("content", "")).strip() != prompt.strip():
+            raise UserError(f"{source}: row {i}: 'prompt' is not the text of the conversations' last user turn "
+                            f"({prompt[:40]!r} vs {str(last_user.get('content'))[:40]!r}); the row disagrees with "
+                            "itself")  # fmt: skip
+        rows.append({"prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]})
+    return Dataset.from_list(rows)
 
 
 def prompt_key(prompt: str | list) -> str:

@@ -111,3 +111,37 @@ def test_reference_answers_from_question_rows_or_preference_pairs(tmp_path):
     bad = str(write_jsonl(tmp_path / "bad.jsonl", [{"text": "no answers here"}]))
     with pytest.raises(UserError, match=r"bad\.jsonl needs `question` and `answer`.*\['text'\]"):
         load_reference_answers(DataConfig(path=bad), 10)
+
+
+def _h4_row(i: int, answer: str = "Blue.", prompt: str | None = None) -> dict:
+    """A row in the layout of HuggingFaceH4/ultrafeedback_binarized: the prompt as a string, and chosen/rejected as
+    whole conversations that repeat it, with the set's extra columns."""
+    user = {"role": "user", "content": f"Which colour is sky {i}?"}
+    return {
+        "prompt": prompt if prompt is not None else user["content"], "prompt_id": f"id{i}",
+        "chosen": [user, {"role": "assistant", "content": answer}],
+        "rejected": [user, {"role": "assistant", "content": "Seven."}],
+        "messages": [user, {"role": "assistant", "content": answer}], "score_chosen": 9.0, "score_rejected": 2.0,
+    }  # fmt: skip
+
+
+def test_public_preference_layouts_load_as_trl_pairs(tmp_path):
+    from pipeline.formats import load_preference_pairs
+
+    h4 = write_jsonl(tmp_path / "h4.jsonl", [_h4_row(i) for i in range(3)])
+    ds, conversational = load_preference_pairs(DataConfig(path=str(h4)))
+    assert conversational and ds.column_names == ["prompt", "chosen", "rejected"]
+    assert ds[0] == {"prompt": [{"role": "user", "content": "Which colour is sky 0?"}],
+                     "chosen": [{"role": "assistant", "content": "Blue."}],
+                     "rejected": [{"role": "assistant", "content": "Seven."}]}  # fmt: skip
+    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.",
+                                               "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}])  # fmt: skip
+    ds, conversational = load_preference_pairs(DataConfig(path=str(hh)))
+    assert not conversational and ds.column_names == ["chosen", "rejected"]  # implicit prompt, as trl reads it
+    replies = write_jsonl(tmp_path / "replies.jsonl", [{"prompt": [{"role": "user", "content": "Hi?"}],
+                                                         "chosen": "Hello.", "rejected": "Go away."}])  # fmt: skip
+    ds, conversational = load_preference_pairs(DataConfig(path=str(replies)))
+    assert conversational and ds[0]["chosen"] == [{"role": "assistant", "content": "Hello."}]
+    disagree = write_jsonl(tmp_path / "disagree.jsonl", [_h4_row(0), _h4_row(1, prompt="Something else?")])
+    with pytest.raises(UserError, match=r"disagree\.jsonl: row 1: 'prompt' is not the text of the conversations"):
+        load_preference_pairs(DataConfig(path=str(disagree)))

@@ -57,3 +57,17 @@ def test_dpo_raises_the_heldout_margin_full_and_lora(tmp_path, base_model):  # n
 def test_unknown_loss_type_is_a_config_error(tmp_path, base_model):  # noqa: F811
     result = run_cli(*dpo_args(tmp_path / "o", base_model, "x.jsonl", "x.jsonl", "loss_type=[sigmod]"))
     assert result.returncode == 2 and "loss_type: unknown ['sigmod']" in result.stderr
+
+
+def test_dpo_reads_the_h4_ultrafeedback_layout(tmp_path, base_model):  # noqa: F811
+    """`prompt` a string, chosen/rejected whole conversations repeating it, extra columns: trains as it comes."""
+    rows = []
+    for row in separable_pairs(64, 2, True):
+        user = row["prompt"]
+        rows.append({"prompt": user[0]["content"], "chosen": user + row["chosen"], "rejected": user + row["rejected"],
+                     "messages": user + row["chosen"], "score_chosen": 8.0, "score_rejected": 3.0})  # fmt: skip
+    data = write_jsonl(tmp_path / "h4.jsonl", rows)
+    out = tmp_path / "dpo"
+    result = run_cli(*dpo_args(out, base_model, data, data, "train.max_steps=4", "train.save_steps=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["steps"] == 4
