@@ -95,6 +95,79 @@ def test_loss_mask_trains_exactly_the_answers(tmp_path, base_model):
         assert "Answer briefly." in tokenizer.decode(row["input_ids"]) or fmt != "messages"
 
 
+# Real chat templates have no {% generation %} markers; written here as they ship (SmolLM2's ChatML, Llama 3,
+# Qwen2.5 with its default system turn).
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if not (message.role == "
+    "'system' and loop.first) %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + "
+    "'\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TEMPLATE_TOKENS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def test_answer_only_loss_on_chat_templates_without_generation_markers(tmp_path, base_model):
+    """Through the stage's trainer, with default assistant_only_loss: the tokens that carry loss decode to exactly
+    each assistant reply and its end-of-turn token, for templates without markers; on our own template (which has
+    them) pipeline.chat finds the same tokens as trl's markers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.chat import assistant_token_mask
+
+    model_dir = base_model / "model"
+    conversation = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."},
+                    {"role": "user", "content": "Italy?"}, {"role": "assistant", "content": "Rome."}]  # fmt: skip
+    ours = AutoTokenizer.from_pretrained(model_dir)
+    marked = ours.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert assistant_token_mask(ours, conversation) == {k: marked[k] for k in ("input_ids", "assistant_masks")}
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}])
+    cfg = load_config(SFTStageConfig, SFT_YAML, [f"output_dir={tmp_path / 'o'}", f"init_from={base_model}",
+                                                 f"data.path={data}", "eval_fraction=0"])  # fmt: skip
+    ds, fmt, _ = load_sft_rows(cfg.data)
+    for template, stop in ((CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>"), (QWEN25, "<|im_end|>")):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
+        tokenizer.chat_template = template
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model.resize_token_embeddings(len(tokenizer))
+        row = build_trainer(cfg, model, tokenizer, ds, None, fmt).train_dataset[0]
+        assert trained_text(tokenizer, row["input_ids"], row["labels"]) == [f"Paris.{stop}", f"Rome.{stop}"], stop
+        assert (
+            row["input_ids"]
+            == tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+        )
+
+
+def test_sft_trains_answers_only_with_a_chatml_tokenizer(tmp_path, base_model):
+    """The stage end to end with a tokenizer whose template has no markers (SmolLM2's ChatML): it trains, on the
+    answers only, with the default assistant_only_loss."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model / "model")
+    tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(tmp_path / "chatml")
+    out = tmp_path / "sft"
+    result = run_cli(*sft_args(out, base_model, f"tokenizer={tmp_path / 'chatml'}", "train.max_steps=6",
+                               "train.save_steps=6"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = result.stderr.split("row 0 trains on ")[1].splitlines()[0]
+    assert trained.endswith("<|im_end|>']") and "<|im_start|>" not in trained, trained
+    assert manifest_metrics(out)["steps"] == 6
+
+
 # --- end to end ---------------------------------------------------------------------------------------------------
 
 

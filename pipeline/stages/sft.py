@@ -4,8 +4,8 @@
 
 Reads trl's dataset formats as they are, told apart by their columns: conversational `messages`,
 prompt-completion (`prompt`/`completion`, strings or message lists) and plain `text`. Every row is checked before
-any compute. By default only the answer is trained: assistant turns of conversations (the chat template marks
-them with {% generation %}), completions of prompt-completion rows.
+any compute. By default only the answer is trained: assistant turns of conversations (found through any chat
+template, with or without {% generation %} markers: pipeline/chat.py), completions of prompt-completion rows.
 
 Produces `output_dir/model/`: full fine-tuning and LoRA with `lora.merge: true` give a folder that loads with
 AutoModelForCausalLM (no peft needed); LoRA with `merge: false` gives a peft adapter folder (load it with
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
+from pipeline.chat import assistant_token_mask
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import load_examples, local_files, stage_inputs
 from pipeline.distributed import is_main_process, launch_facts
@@ -155,38 +156,39 @@ def load_sft_rows(data: DataConfig) -> tuple:
     return ds, fmt, conversational
 
 
-def check_chat_template(tokenizer, name: str, assistant_only: bool) -> None:
-    """Conversations need a chat template, and answer-only loss needs its {% generation %} markers (or a template
-    trl knows how to patch): fail here rather than inside the trainer."""
-    fix = "use a tokenizer from the tokenizer stage (tokenizer=runs/<run>/tokenizer) or set tokenizer.chat_template"
+def check_chat_template(tokenizer, name: str) -> None:
+    """Conversations need a chat template: fail here rather than inside the trainer. (Answer-only loss works with
+    any template: with {% generation %} markers trl finds the answers, without them pipeline.chat does.)"""
     if not tokenizer.chat_template:
-        raise UserError(f"tokenizer {name} has no chat template, but the data are conversations; {fix}")
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    if assistant_only and not has_generation_markers(tokenizer.chat_template):
-        try:
-            get_training_chat_template(tokenizer)
-        except ValueError:
-            raise UserError(
-                f"tokenizer {name}: its chat template has no {{% generation %}} markers, which assistant-only loss "
-                f"needs to find the answers; {fix}, or set assistant_only_loss=false"
-            ) from None
+        raise UserError(
+            f"tokenizer {name} has no chat template, but the data are conversations; use a tokenizer from the "
+            "tokenizer stage (tokenizer=runs/<run>/tokenizer) or set tokenizer.chat_template"
+        )
 
 
 # --- the trainer, as the stage builds it (tests inspect its tokenized dataset) ----------------------------------
 
 
 def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt: str):
-    """trl's SFTTrainer with our settings; trl renders, tokenizes and masks the rows in its constructor."""
+    """trl's SFTTrainer with our settings; trl renders, tokenizes and masks the rows in its constructor. Answer-only
+    loss on conversations: trl's assistant masks where the chat template has {% generation %} markers; where it
+    has none (almost every real template), the rows arrive tokenized with pipeline.chat's assistant masks, from
+    which trl builds the labels the same way."""
     from trl import SFTConfig, SFTTrainer
+    from trl.chat_template_utils import has_generation_markers
 
     checkpoints = Path(cfg.output_dir) / "checkpoints"
     conversational = fmt == "messages" or (fmt == "prompt-completion" and isinstance(train_ds[0]["prompt"], list))
+    markers = conversational and has_generation_markers(tokenizer.chat_template)
+    if cfg.assistant_only_loss and fmt == "messages" and not markers:
+        train_ds, eval_ds = (None if ds is None else ds.map(
+            lambda row: assistant_token_mask(tokenizer, row["messages"]), remove_columns=["messages"],
+            desc="finding the assistant turns") for ds in (train_ds, eval_ds))  # fmt: skip
     with_eval = eval_ds is not None and cfg.train.eval_steps is not None
     args = SFTConfig(
         **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length, packing=cfg.packing,
         # trl refuses assistant_only_loss on non-conversational rows; completions play that part there.
-        assistant_only_loss=cfg.assistant_only_loss and conversational,
+        assistant_only_loss=cfg.assistant_only_loss and markers,
         completion_only_loss=cfg.assistant_only_loss if fmt == "prompt-completion" else None,
         eval_strategy="steps" if with_eval else "no", eval_steps=cfg.train.eval_steps,
         eval_on_start=eval_ds is not None,  # the "before" numbers; see trainers.evaluation_at_start
@@ -221,7 +223,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
     questions = generation_eval_rows(cfg)
     model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
     if conversational or questions:
-        check_chat_template(tokenizer, cfg.tokenizer or model_path, cfg.assistant_only_loss and conversational)
+        check_chat_template(tokenizer, cfg.tokenizer or model_path)
     if eval_ds is None and cfg.eval_fraction > 0:
         split = train_ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.train.seed)
         train_ds, eval_ds = split["train"], split["test"]
