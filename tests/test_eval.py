@@ -73,15 +73,22 @@ def ours(tmp_path_factory, tiny_model, task_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def theirs(tmp_path_factory, tiny_model, task_dir) -> dict:
+def lmeval_dir(tmp_path_factory, task_dir) -> Path:
+    """Each task as lm-evaluation-harness's own YAML (dataset_kwargs, metric_list, filter_list, fewshot_config)."""
+    folder = tmp_path_factory.mktemp("lmeval_tasks")
+    for spec, _ in find_tasks(list(VARIANTS), [str(task_dir)]):
+        (folder / f"{spec.task}.yaml").write_text(yaml.safe_dump(lmeval_task_config(spec)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def theirs(tiny_model, lmeval_dir) -> dict:
     """lm-evaluation-harness on the same model and documents, each task written by lmeval_task_config."""
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    folder = tmp_path_factory.mktemp("lmeval_tasks")
-    for spec, _ in find_tasks(list(VARIANTS), [str(task_dir)]):
-        (folder / f"{spec.task}.yaml").write_text(yaml.safe_dump(lmeval_task_config(spec)))
+    folder = lmeval_dir
     return lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={tiny_model},dtype=float32", device="cpu", tasks=list(VARIANTS),
         task_manager=TaskManager(include_path=str(folder), include_defaults=False), limit=N_DOCS, batch_size=16,
@@ -117,6 +124,40 @@ def test_same_prompts_scores_and_metrics_as_lm_eval(task, ours, theirs):
         assert 0 < mine["metrics"]["exact_match"]["value"] < 1
     assert mine["num_fewshot"] == VARIANTS[task][1]
     assert mine["first_prompt"].count("Question:") == VARIANTS[task][1] + 1
+
+
+def test_lm_eval_task_files_as_they_are(tmp_path, tiny_model, task_dir, lmeval_dir, theirs):
+    """The very YAML files lm-eval ran (its keys: dataset_path json + dataset_kwargs, metric_list with exact-match
+    options, filter_list, fewshot_config, generation_kwargs) give llmpipe eval lm-eval's numbers, MC and
+    generation, 0 and 5 shots; and they read back as the task they were written from."""
+    out = tmp_path / "from_lmeval_yaml"
+    result = run_cli(*eval_args(tiny_model, lmeval_dir, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    tasks = json.loads((out / "results.json").read_text())["tasks"]
+    for task in VARIANTS:
+        for metric, value in tasks[task]["metrics"].items():
+            assert value["value"] == pytest.approx(theirs["results"][task][f"{metric},none"], abs=1e-9), (task, metric)
+    written = [spec for spec, _ in find_tasks(list(VARIANTS), [str(task_dir)])]
+    assert [spec for spec, _ in find_tasks(list(VARIANTS), [str(lmeval_dir)])] == written
+
+
+def test_lm_eval_keys_llmpipe_cannot_reproduce_are_named(tmp_path):
+    base = lmeval_task_config(load_task_file(REPO / "data/tasks/demo_qa.yaml"))
+    cases = {
+        "metric_list": [{"metric": "bleu"}],
+        "filter_list": [{"name": "x", "filter": [{"function": "majority_vote"}]}],
+        "generation_kwargs": {"until": ["\n"], "top_p": 0.9},
+        "fewshot_config": {"sampler": "first_n", "samples": [{"q": 1}]},
+    }
+    for key, value in cases.items():
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({**base, key: value}))
+        with pytest.raises(UserError, match=rf"{path.name}: {key}: "):
+            load_task_file(path)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump({**base, "metric_lst": []}))
+    with pytest.raises(UserError, match="did you mean"):
+        load_task_file(typo)
 
 
 def test_results_files(ours):

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, UserError, config, field, validate_dict
+from pipeline.evaluation.lmeval import from_lmeval
 
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -163,7 +164,10 @@ def load_task_file(path: str | Path) -> TaskSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such task file")
-    return validate_dict(TaskSpec, _merged(path), str(path))
+    data, problems = from_lmeval(_merged(path), path)  # lm-eval's own keys, as its task files have them
+    if problems:
+        raise ConfigError([f"{path}: {p}" for p in problems])
+    return validate_dict(TaskSpec, data, str(path))
 
 
 def task_index(task_dirs: list[str]) -> dict[str, Path]:
