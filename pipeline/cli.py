@@ -13,6 +13,7 @@ import argparse
 import difflib
 import importlib
 import json
+import os
 import sys
 import textwrap
 
@@ -160,5 +161,23 @@ def _run_stage(stage: str, argv: list[str], validate: bool) -> int:
     return 0
 
 
+def _exit_rank(code: int) -> None:
+    """End a rank of a multi-process launch without interpreter finalization. After destroy_process_group, gloo's
+    C++ worker threads can still hold work objects with Python references; destroying them while the interpreter
+    tears down aborts the process (SIGABRT, "terminate called without an active exception"; seen in CI after a
+    2-process sft run and, once in 4 CI-class runs, a 2-process ppo run that had written its model), and accelerate
+    launch then fails the whole stage.
+    Everything a stage writes is closed and fsync'd by then; only the standard streams need flushing."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_rank(exit_code)
+    sys.exit(exit_code)
