@@ -90,10 +90,13 @@ def test_sigkill_then_resume_ends_bitwise_identical(tmp_path, pretrained, traine
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_0000008").exists():  # killed mid-run, after two checkpoints
+    # Killed mid-run, right after its second checkpoint appears (by one rename, so it is complete): 16 steps and
+    # four checkpoints remain, ~0.3 s on a quiet machine. A fixed wait after it (0.3 s here before) could outlast
+    # the run and fail the test on a fast machine.
+    while not (out / "checkpoints" / "step_0000008").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.005)
+    assert proc.poll() is None, "run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()  # an interrupted stage never looks finished
