@@ -6,9 +6,6 @@ from __future__ import annotations
 from pipeline.config import UserError
 from pipeline.rl.core import position_ids_from_mask, response_logits
 
-# value_model settings that name a kind of critic rather than a model path
-CRITIC_KINDS = ("reward", "policy", "head", "none")
-
 
 def critic_source(value_model: str | None, reward_model: str | None) -> str:
     """The critic a config asks for, decided once: 'reward', 'policy', 'head', 'none' or a model path.
