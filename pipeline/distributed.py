@@ -26,6 +26,11 @@ def on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
 
 
+def deepspeed_launch() -> bool:
+    """The launch config chose DeepSpeed (accelerate launch sets ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
 def resolve_precision(precision: str) -> str:
     """Accelerate's mixed_precision ("no", "bf16", "fp16") for a config's `precision` (auto, fp32, bf16, fp16); the
     one rule for our loops and trl's trainers. auto: under DeepSpeed bf16 on a GPU that has it (the launch's JSON
@@ -38,7 +43,7 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     gpu_default = "bf16" if on_gpu() and torch.cuda.is_bf16_supported() else "no"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+    if deepspeed_launch():
         return gpu_default
     return os.environ.get("ACCELERATE_MIXED_PRECISION") or gpu_default
 
@@ -60,11 +65,10 @@ def make_accelerator(precision: str, project_dir, report_to: list[str] | None = 
     on_cpu = not on_gpu()
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu and world_size() > 1 else []
     # cpu=True would turn a DeepSpeed launch into plain MULTI_CPU; DeepSpeed finds the CPU by itself.
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     return Accelerator(
         gradient_accumulation_steps=accumulation,
         mixed_precision=resolve_precision(precision),
-        cpu=on_cpu and not deepspeed,
+        cpu=on_cpu and not deepspeed_launch(),
         log_with=report_to or None,
         project_dir=str(project_dir),
         kwargs_handlers=handlers,
