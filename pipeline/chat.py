@@ -11,7 +11,7 @@ trailing newline.
 from __future__ import annotations
 
 from pipeline.config import UserError
-from pipeline.generation import END_OF_TURN_TOKENS
+from pipeline.generation import stop_tokens
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -22,7 +22,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     """The rendered conversation and the [start, end) character span of each assistant turn: the reply and its
     end-of-turn token (EOS, <|im_end|>, <|eot_id|>, <|end|>, <end_of_turn>), not the header before it."""
     full = _render(tokenizer, messages)
-    stops = [t for t in {tokenizer.eos_token, *END_OF_TURN_TOKENS} if t and t in tokenizer.get_vocab()]
+    stops = [text for text in stop_tokens(tokenizer) if text]
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":

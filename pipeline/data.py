@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.config import DataConfig, UserError
 from pipeline.distributed import is_main_process
+from pipeline.gguf import missing_file_problem
 
 _EXTENSION_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
 # `datasets` builder name for each format: JSON Lines and JSON arrays share one builder.
@@ -53,11 +54,14 @@ def local_files(cfg: DataConfig) -> list[str] | None:
 
 def check_data_paths(cfg, produced: list[Path] = ()) -> None:
     """Cheap checks that need no compute: every local data path named in a config (any section, at any depth)
-    exists, except those inside `produced` folders (a pipeline's earlier stages write them)."""
+    exists, except those inside `produced` folders (a pipeline's earlier stages write them), and so does every
+    .gguf model file a key names."""
     import dataclasses
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, str) and (problem := missing_file_problem(f.name, value)):
+            raise UserError(problem)
         if isinstance(value, DataConfig):
             paths = [value.path] if isinstance(value.path, str) else value.path
             kept = [p for p in paths if not any(Path(p).is_relative_to(folder) for folder in produced)]

@@ -19,7 +19,17 @@ SUFFIX = ".gguf"
 
 
 def is_gguf(path: str) -> bool:
-    return str(path).lower().endswith(SUFFIX) and Path(path).is_file()
+    return str(path).lower().endswith(SUFFIX) and Path(path).expanduser().is_file()
+
+
+def missing_file_problem(key: str, path: str) -> str | None:
+    """What is wrong with a model key that names a .gguf file which is not there (None: nothing)."""
+    if not str(path).lower().endswith(SUFFIX) or Path(path).expanduser().is_file():
+        return None
+    return (
+        f"{key}: no such GGUF file: {path!r} (SmolLM2-135M-Instruct: `make smollm2` or "
+        "`python -m tools.fetch_smollm2` fetches it into ~/.cache/llmpipe/models/)"
+    )
 
 
 def cache_root() -> Path:
@@ -33,7 +43,7 @@ def model_folder(path: str) -> str:
     """The safetensors folder (model, tokenizer, generation config) converted from a .gguf file, made on first use."""
     from pipeline.artifacts import atomic_dir, file_sha256
 
-    source = Path(path).resolve()
+    source = Path(path).expanduser().resolve()
     target = cache_root() / "gguf" / f"{source.stem}-{file_sha256(source)[:16]}"
     if (target / "config.json").is_file():
         return str(target)

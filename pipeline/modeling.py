@@ -6,6 +6,7 @@ Loading is safe by default: safetensors only, `trust_remote_code` off unless the
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def _require_local_if_path_like(path: str, key: str) -> None:
 
 def resolve_model_path(path: str) -> str:
     """A pipeline artifact folder stands for its model/ subfolder, a .gguf file for its converted safetensors
-    folder (pipeline/gguf.py); anything else is passed on as is."""
+    folder (pipeline/gguf.py); anything else is passed on as is. A leading ~ is the home folder."""
+    path = os.path.expanduser(path)
     if gguf.is_gguf(path):
         return gguf.model_folder(path)
     _require_local_if_path_like(path, "model.init_from")
@@ -84,6 +86,7 @@ def resolve_model_path(path: str) -> str:
 def resolve_tokenizer_path(path: str) -> str:
     """A tokenizer (or model) artifact folder stands for its tokenizer/ or model/ subfolder; it must be finished.
     A .gguf file stands for its converted folder, which holds the tokenizer too."""
+    path = os.path.expanduser(path)
     if gguf.is_gguf(path):
         return gguf.model_folder(path)
     _require_local_if_path_like(path, "tokenizer")

@@ -101,8 +101,8 @@ def as_reply(prompt, text: str):
 
 
 def reward_scorer(reward_model: str | None, reward_function: str | None, trust_remote_code: bool, device):
-    """scorer(prompts, response_texts) -> list of floats: the reward model (its own tokenizer and template, A10,
-    through score_pairs) or the reward function."""
+    """scorer(prompts, response_texts, references=None) -> list of floats: the reward model (its own tokenizer and
+    template, A10, through score_pairs; references unused) or the reward function."""
     if reward_function:
         return load_reward_function(reward_function, "reward_function")
     from transformers import AutoModelForSequenceClassification
@@ -115,7 +115,7 @@ def reward_scorer(reward_model: str | None, reward_function: str | None, trust_r
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(device).eval().requires_grad_(False)
 
-    def scorer(prompts: list, texts: list[str]) -> list[float]:
+    def scorer(prompts: list, texts: list[str], references: list | None = None) -> list[float]:
         return score_pairs(model, tokenizer, prompts, [as_reply(p, t) for p, t in zip(prompts, texts, strict=True)])
 
     return scorer

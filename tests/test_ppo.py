@@ -422,6 +422,26 @@ def test_lora_policy_reference_and_value_head_share_one_base(tmp_path, tiny_poli
     assert not any("lora" in name or "value_head" in name for name in saved)
 
 
+def test_rule_rewards_get_each_prompts_reference(tmp_path, tiny_policy, rule_reward_path):
+    # the final assistant turn of `messages` is the reference a rule scores against, aligned with every sample
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about item {i}."},
+                          {"role": "assistant", "content": "x" * (1 + i % 5)}]} for i in range(40)]  # fmt: skip
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    out = tmp_path / "refs"
+    result = run_cli(*ppo_args(out, tiny_policy, data, "reward_function=ppo_rewards:reference_length", "train.steps=1",
+                               "rollout.samples_per_prompt=4", "sample_every=1", "samples_per_log=32"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32 and len({s["prompt"][0]["content"] for s in samples}) == 8
+    for sample in samples:
+        index = int(sample["prompt"][0]["content"].split()[-1].rstrip("."))
+        assert sample["score"] == 1 + index % 5, sample
+    # exact_match needs a reference on every prompt: refused before any compute, naming the file
+    prompts_only = write_jsonl(tmp_path / "no_refs.jsonl", [{"prompt": r["messages"][:1]} for r in rows])
+    refused = run_cli(*ppo_args(tmp_path / "none", tiny_policy, prompts_only, "reward_function=exact_match"))
+    assert refused.returncode == 2 and "no reference answers" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_kl_guardrail_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_policy, prompts, rule_reward_path):
     out = tmp_path / "guard"
     result = run_cli(*ppo_args(out, tiny_policy, prompts, "kl.max=0.01", "checkpoint_every=1", "train.steps=4"))

@@ -17,6 +17,7 @@ and reward before and after.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from pipeline.modeling import (
     resolve_model_path,
     save_model,
 )
-from pipeline.rewards import load_reward_function, reward_scorer
+from pipeline.rewards import EXACT_MATCH, load_reward_function, reward_scorer
 from pipeline.rl.core import KLController
 from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_value_head
 from pipeline.rl.ppo import (
@@ -64,8 +65,13 @@ class PPOConfig:
     trust_remote_code: bool = field(False, "Allow models that ship their own Python code. Off: safe.")
     reward_model: str | None = field(None, "A reward stage folder or any sequence-classification model (1 score).")
     reward_function: str | None = field(
-        None, "Instead of a reward model: 'module:function' taking (prompts, responses) -> list of floats."
-    )
+        None, "Instead of a reward model: exact_match (the answer equals the prompt's reference after strip(): 1, "
+        "else 0) or 'module:function' taking (prompts, responses[, references=]) -> one float per response.",
+    )  # fmt: skip
+    reference_key: str | None = field(
+        None, "Column of data with each prompt's reference answer for reward_function (None: the final "
+        "assistant turn of `messages`, else the first of chosen, answer, reference, solution present).",
+    )  # fmt: skip
     value_model: str | None = field(
         None, "Critic: 'reward' (a copy of the reward model, N+), 'policy' (a copy of the policy's body + new head), "
         "'head' (a value head on the policy itself, shared trunk), a path, or 'none' (no critic: each token's "
@@ -121,10 +127,13 @@ Config = PPOConfig
 # --- prompts and held-out questions ------------------------------------------------------------------------------
 
 
-def load_prompts(data: DataConfig) -> list:
-    """Prompts as message lists or strings: `prompt`, or `messages` without the final assistant turn; each distinct
-    prompt once, in file order (a preference file repeats a prompt for every pair)."""
-    return [row["prompt"] for row in load_prompt_rows(data)]
+def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
+    """Prompts as message lists or strings (`prompt`, or `messages` without the final assistant turn), each
+    distinct prompt once, in file order (a preference file repeats a prompt for every pair), and each one's
+    reference answer (None where the rows have none); exact_match as the reward needs one on every row."""
+    needs = cfg.reward_function == EXACT_MATCH
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs)
+    return [row["prompt"] for row in rows], [row["reference"] for row in rows]
 
 
 def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig) -> dict:
@@ -132,7 +141,7 @@ def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig) 
     the share of answers without a stop token."""
     answers = greedy_answers(model, tokenizer, [r["question"] for r in rows], cfg.eval_max_new_tokens)
     match, examples = greedy_exact_match(rows, answers["texts"])
-    scores = scorer([as_messages(r["question"]) for r in rows], answers["texts"])
+    scores = scorer([as_messages(r["question"]) for r in rows], answers["texts"], [r["answer"] for r in rows])
     return {"exact_match": match, "reward": sum(scores) / len(scores),
             "no_eos_share": answers["stopped"].count(False) / len(rows), "examples": examples}  # fmt: skip
 
@@ -200,14 +209,14 @@ def run(cfg: PPOConfig) -> dict | None:
     # A2: pad may equal EOS (Llama 3, SmolLM, Qwen base models): every mask here is built from positions (left
     # padding from prompt lengths, the response up to its first stop token), never from `ids != pad`
     policy_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
-    prompts = load_prompts(cfg.data)
+    prompts, references = load_prompts(cfg)
     if any(isinstance(p, list) for p in prompts) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
     prompt_ids = encode_prompts(tokenizer, prompts)
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= cfg.rollout.max_prompt_length]
     if not keep:
         raise UserError(f"data: every prompt is longer than rollout.max_prompt_length {cfg.rollout.max_prompt_length}")
-    prompts, prompt_ids = [prompts[i] for i in keep], [prompt_ids[i] for i in keep]
+    prompts, prompt_ids, references = ([items[i] for i in keep] for items in (prompts, prompt_ids, references))
     eval_rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
     if cfg.reward_function:
         load_reward_function(cfg.reward_function, "reward_function")
@@ -257,11 +266,12 @@ def run(cfg: PPOConfig) -> dict | None:
         t0 = time.perf_counter()  # this rank's prompts, sampled with a generator seeded by (seed, step, rank)
         indices = sampler.indices(step, 0, rank).repeat(n_samples).tolist()  # a prompt's samples adjacent
         batch_prompts = [prompts[i] for i in indices]
+        batch_scorer = functools.partial(scorer, references=[references[i] for i in indices])
         torch.manual_seed(step_seed(train.seed, step, rank))
         batch = rollout(models.causal_lm(), tokenizer, [prompt_ids[i] for i in indices], cfg.rollout.max_new_tokens,
                         cfg.rollout.temperature, cfg.rollout.top_p)  # fmt: skip
         t1 = time.perf_counter()
-        scored = score_rollout(models, tokenizer, batch, batch_prompts, scorer, kl_controller.coef, cfg.rollout,
+        scored = score_rollout(models, tokenizer, batch, batch_prompts, batch_scorer, kl_controller.coef, cfg.rollout,
                                cfg.kl, train)  # fmt: skip
         sequence_kl = accelerator.reduce(scored["kl"].sum(1).mean(), "mean").item()
         if cfg.kl.max is not None and sequence_kl > cfg.kl.max:
