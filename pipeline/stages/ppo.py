@@ -5,10 +5,11 @@
 
 trl 1.16 has no PPO trainer, so the loop is ours, following Huang et al. 2024 ("The N+ Implementation Details of
 RLHF with PPO"); the tensor arithmetic (KL, GAE, losses) lives in pipeline/rl/core.py. One step: each process
-samples responses to its own prompts, scores them (reward model or Python function, a penalty when no stop token
-came), adds a per-token KL penalty to the reference, computes GAE advantages, then runs `ppo_epochs` passes of
-clipped policy and value updates over minibatches. The prompt order is a pure function of (seed, step), and each
-step's sampling is seeded by (seed, step, rank), so `resume: auto` continues the same run.
+samples responses to its own prompts, scores them (reward model, or a rule given each prompt's reference answer;
+a penalty when no stop token came), adds a per-token KL penalty to the reference, computes GAE advantages, then
+runs `ppo_epochs` passes of clipped policy and value updates over minibatches. The prompt order is a pure function
+of (seed, step), and each step's sampling is seeded by (seed, step, rank), so `resume: auto` continues the same
+run.
 
 Produces `output_dir/model/` (AutoModelForCausalLM), `checkpoints/step_N/`, `metrics.jsonl` (one line per step),
 `samples.jsonl` (prompt/response/score rows every `sample_every` steps) and a manifest with held-out exact match
