@@ -381,17 +381,18 @@ def test_a_tokenizer_whose_pad_is_eos_trains(tmp_path, tiny_policy, prompts, rul
     assert AutoTokenizer.from_pretrained(out / "model").pad_token_id == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("value_model", ["policy", "none"])
+@pytest.mark.parametrize("value_model, whiten", [("policy", True), ("none", True), ("none", False)])
 def test_several_samples_per_prompt_with_the_leave_one_out_baseline(
-    tmp_path, tiny_policy, prompts, rule_reward_path, value_model
+    tmp_path, tiny_policy, prompts, rule_reward_path, value_model, whiten
 ):
-    """8 prompts x 4 samples a step, each prompt's samples together, with a critic or none (RLOO-style); the rule
-    reward still rises. The prompt file lists every prompt twice, as a preference file does: each is used once."""
+    """8 prompts x 4 samples a step, each prompt's samples together, with a critic or none (RLOO-style, advantages
+    whitened or at RLOO's own scale); the rule reward still rises. The prompt file lists every prompt twice, as a
+    preference file does: each is used once."""
     doubled = tmp_path / "doubled.jsonl"
     doubled.write_text(prompts.read_text() * 2)
     out = tmp_path / "loo"
     extra = ["rollout.samples_per_prompt=4", "train.score_baseline=loo", "train.steps=20", "checkpoint_every=20",
-             f"value_model={value_model}"]  # fmt: skip
+             f"value_model={value_model}", f"train.whiten_advantages={str(whiten).lower()}"]  # fmt: skip
     result = run_cli(*ppo_args(out, tiny_policy, doubled, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = history(out)

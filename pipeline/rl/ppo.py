@@ -76,6 +76,11 @@ class PPOTrainConfig:
     gamma: float = field(1.0, "Discount.", ge=0, le=1)
     lam: float = field(0.95, "GAE lambda.", ge=0, le=1)
     whiten_rewards: bool = field(False, "Whiten the per-token rewards (scaled, mean kept) before GAE.")
+    whiten_advantages: bool = field(
+        True, "Whiten the advantages over the batch (PPO's N+ default). With rule rewards, score_baseline loo and no "
+        "critic, off keeps RLOO's own scale: whitening a batch where few prompts' samples disagree blows their "
+        "weight up (trl's RLOO normalize_advantages, off by default).",
+    )  # fmt: skip
     score_baseline: str = field(
         "none",
         "none, or loo: subtract from each score the mean score of its prompt's other samples (RLOO's "
@@ -140,7 +145,7 @@ def score_rollout(
     kl: KLSection, train: PPOTrainConfig,
 ) -> dict:  # fmt: skip
     """Rollout log-probs, reference log-probs and values (no grad), the scores (clipped, missing-stop penalty,
-    leave-one-out baseline), per-token KL and rewards, then GAE advantages (whitened) and returns."""
+    leave-one-out baseline), per-token KL and rewards, then GAE advantages (whitened unless told not) and returns."""
     import torch
 
     temperature = rollout.temperature
@@ -165,7 +170,8 @@ def score_rollout(
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         no_critic = models.critic_source == "none"
         advantages, returns = gae(rewards, values, mask, train.gamma, 1.0 if no_critic else train.lam)
-        advantages = masked_whiten(advantages, mask)
+        if train.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
     return {"texts": texts, "raw_scores": raw_scores, "scores": scores, "kl": kl_tokens, "mask": mask,
             "values": values, "old_logprobs": old_logprobs, "advantages": advantages, "returns": returns}  # fmt: skip
 
