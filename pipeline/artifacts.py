@@ -159,7 +159,8 @@ def package_versions() -> dict[str, str | None]:
 # Keys a resumed run may change: how long it trains and how often it logs, evaluates and saves.
 RESUMABLE_CHANGES = {
     "resume", "output_dir", "max_steps", "epochs", "logging_steps", "log_every", "save_steps", "save_total_limit",
-    "checkpoint_every", "keep_checkpoints", "eval_steps", "eval_every", "generation_eval_max",
+    "checkpoint_every", "keep_checkpoints", "eval_steps", "eval_every", "generation_eval_max", "steps",
+    "sample_every", "samples_per_log",
 }  # fmt: skip
 
 

@@ -351,6 +351,21 @@ def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_rewa
     assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from_step"] == 4
 
 
+def test_resume_refuses_another_config_and_never_starts_clean(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """auto-resume of checkpoints another config wrote is refused before compute; resume=never over an older,
+    longer run leaves none of its checkpoints behind for a later auto-resume to pick up."""
+    out = tmp_path / "ppo"
+    short = ["checkpoint_every=2", "train.ppo_epochs=1", "train.rollout_batch_size=16", "train.micro_batch_size=8"]
+    assert run_cli(*ppo_args(out, tiny_policy, prompts, *short, "train.steps=4")).returncode == 0
+    other = run_cli(*ppo_args(out, tiny_policy, prompts, *short, "train.steps=6", "train.policy_lr=5e-3"))
+    assert other.returncode == 2 and "holds checkpoints of a run with another config" in other.stderr, other.stderr
+    assert "policy_lr" in other.stderr and (out / "manifest.json").is_file()  # the finished run is untouched
+    fresh = run_cli(*ppo_args(out, tiny_policy, prompts, *short, "train.steps=2", "resume=never"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert [r["step"] for r in history(out)] == [1, 2]
+
+
 def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
     out = tmp_path / "two"
     result = launch("cpu_2proc.yaml", ppo_args(out, tiny_policy, prompts, "train.steps=2", "train.ppo_epochs=1"))
