@@ -40,12 +40,15 @@ def make_pairs(path: Path, n: int, seed: int = 0, skip: int = 0) -> tuple[Path, 
 class Terminal:
     """One `llmpipe annotate` process on a pseudo-terminal; `screen()` waits for the next full screen."""
 
-    def __init__(self, pairs: Path, log: Path, annotator: str, *overrides: str, width: int = 120):
+    def __init__(self, pairs: Path, log: Path, annotator: str, *overrides: str, width: int = 120,
+                 sigint: object = signal.SIG_DFL):  # fmt: skip
         self.transcript = io.StringIO()
         args = ["-m", "pipeline.cli", "annotate", "--pairs", str(pairs), "--log", str(log), "--annotator", annotator]
         self.child = pexpect.spawn(
             sys.executable, [*args, *overrides], cwd=str(REPO), dimensions=(50, width), encoding="utf-8",
             timeout=30, env={**os.environ, "TERM": "xterm-256color", "PYTHONUNBUFFERED": "1"},
+            # the disposition a launcher leaves (a background job of a script ignores SIGINT), not pytest's own
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
         )  # fmt: skip
         self.child.logfile_read = self.transcript
 
@@ -306,6 +309,21 @@ def test_bad_input_gets_a_clear_message_and_nothing_is_lost(tmp_path):
 # --- screen, sources, several annotators, export formats --------------------------------------------------------
 
 
+def test_one_ctrl_c_quits_even_when_started_with_sigint_ignored(tmp_path):
+    """A background job of a script (CI runners, `cmd &`, nohup) starts with SIGINT ignored; Python then never
+    raises KeyboardInterrupt, and Ctrl-C at the labelling screen did nothing (the 'first Ctrl-C ignored' flake)."""
+    pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 2)
+    log = tmp_path / "labels.jsonl"
+    term = Terminal(pairs, log, "alice", sigint=signal.SIG_IGN)
+    term.screen()
+    assert "pair 2 of 2" in term.press("1")  # one label on disk before the interrupt
+    term.child.kill(signal.SIGINT)
+    term.child.expect(pexpect.EOF, timeout=10)
+    term.child.close()
+    assert term.child.exitstatus == 130 and "interrupted" in term.text()
+    assert len(read_log(log).records) == 1
+
+
 def test_side_by_side_when_wide_stacked_when_narrow_guidelines_rationale_ctrl_c(tmp_path):
     pairs, _ = make_pairs(tmp_path / "pairs.jsonl", 3)
     log = tmp_path / "labels.jsonl"
@@ -319,9 +337,9 @@ def test_side_by_side_when_wide_stacked_when_narrow_guidelines_rationale_ctrl_c(
     wide.child.expect("rationale")
     wide.child.send("A is more specific\r")  # typed with the terminal's line editing, Enter ends it
     wide.child.expect(r"saved: rationale for pair 1 \(record \w+\)")
-    # Ctrl-C: the terminal is given back, nothing half-written. KNOWN DEFECT, open: in about 1 of 4 clean-clone runs
-    # the first interrupt (the byte "\x03" through the pty, or SIGINT itself) left the process waiting, with nothing
-    # printed, for the whole 30 s; cause not pinned down. A second Ctrl-C, as a person would press, is allowed here.
+    # Ctrl-C: the terminal is given back, nothing half-written. The runs where the first interrupt did nothing were
+    # started with SIGINT ignored (a background job of a script); see the test below. A second Ctrl-C, as a person
+    # would press, stays allowed here until issue 19's many-presses test exists.
     wide.child.kill(signal.SIGINT)
     if wide.child.expect([pexpect.EOF, pexpect.TIMEOUT], timeout=10) == 1:
         wide.child.kill(signal.SIGINT)

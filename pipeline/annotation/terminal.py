@@ -7,6 +7,7 @@ import codecs
 import os
 import re
 import select
+import signal
 import termios
 import tty
 from pathlib import Path
@@ -26,15 +27,24 @@ class Keys:
         self.fd, self.pending = fd, ""
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+        self.ignored_sigint = False
 
     def __enter__(self) -> Keys:
         if self.saved is not None:
             tty.setcbreak(self.fd)
+            # A process started in the background of a script (`cmd &` without job control, as CI runners and
+            # nohup do) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt: Ctrl-C on this
+            # terminal did nothing at all. Someone labelling at a terminal must always be able to stop.
+            if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                self.ignored_sigint = True
         return self
 
     def __exit__(self, *exc) -> None:
         if self.saved is not None:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+        if self.ignored_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _fill(self) -> bool:
         data = os.read(self.fd, 64)
