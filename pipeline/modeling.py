@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline import gguf
-from pipeline.artifacts import MANIFEST
+from pipeline.artifacts import MANIFEST, atomic_write_text
 from pipeline.config import UserError, config, field
 
 # Architectures that share Llama's config fields; pick one with model.family.
@@ -255,7 +255,8 @@ def training_flops_per_token(model, seq_len: int) -> float:
 
 def peak_flops(device) -> tuple[float, str]:
     """Peak FLOP/s of one device and where the number comes from: the data-sheet table for known GPUs, else a
-    fp32 matmul measured now (CPU, unknown GPUs)."""
+    fp32 matmul measured now (CPU, unknown GPUs), never below the best this machine has measured before: one
+    taken while other processes were busy once put a fresh run's MFU at 101%."""
     import torch
 
     if device.type == "cuda":
@@ -263,7 +264,36 @@ def peak_flops(device) -> tuple[float, str]:
         for key, value in PEAK_FLOPS.items():
             if key in name:
                 return value, f"{name} bf16 data sheet"
-    return measure_matmul_flops(device), f"{device.type} fp32 matmul measured"
+        machine = f"cuda:{name}"
+    else:
+        machine = f"{device.type}:{os.cpu_count()}cpus:{torch.get_num_threads()}threads:torch{torch.__version__}"
+    return best_measured_flops(machine, measure_matmul_flops(device)), f"{device.type} fp32 matmul measured"
+
+
+def best_measured_flops(machine: str, measured: float) -> float:
+    """The highest matmul rate measured on `machine` so far (this one included), kept in llmpipe's cache. Other
+    processes on the machine can only lower a measurement, so the best one is the closest to the peak."""
+    import json
+
+    path = gguf.cache_root() / "peak_flops.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    best = max(measured, float(known.get(machine, 0.0)))
+    if best > known.get(machine, 0.0):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({**known, machine: best}, indent=1))
+        except OSError:  # a read-only cache only costs the memory of this measurement
+            pass
+    return best
+
+
+def utilisation(tokens_per_second: float, flops_per_token: float, peak: float, world: int) -> float:
+    """Model FLOPs utilisation: achieved over peak FLOP/s, at most 1 (a higher share means the peak was measured
+    low, not that the run beat it)."""
+    return min(tokens_per_second * flops_per_token / (peak * world), 1.0)
 
 
 def measure_matmul_flops(device, size: int = 1024, repeats: int = 5) -> float:

@@ -273,3 +273,21 @@ def test_streaming_data_trains_and_resumes_exactly(tmp_path, trained_tokenizer, 
     assert second.returncode == 0 and "resumed from" in second.stderr, second.stderr[-3000:]
     reference, result = weights(whole), weights(split)
     assert all(torch.equal(reference[k], result[k]) for k in reference)
+
+
+def test_matmul_peak_is_the_best_this_machine_measured_and_mfu_stays_at_most_one(tmp_path, monkeypatch):
+    """A peak measured while the machine was busy (low) must not stand: the best measurement so far is kept per
+    machine in llmpipe's cache, so a fresh run cannot report MFU above 100% (seen: 101.4% in `make demo`)."""
+    from pipeline import modeling
+
+    monkeypatch.setenv("LLMPIPE_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(modeling, "measure_matmul_flops", lambda device: 4.0e10)
+    assert modeling.peak_flops(cpu)[0] == 4.0e10
+    monkeypatch.setattr(modeling, "measure_matmul_flops", lambda device: 1.0e10)  # busy now: measured low
+    assert modeling.peak_flops(cpu)[0] == 4.0e10
+    assert modeling.best_measured_flops("other machine", 1.0e10) == 1.0e10  # kept per machine
+    (tmp_path / "peak_flops.json").write_text("not json")  # a damaged cache is measured afresh
+    assert modeling.peak_flops(cpu)[0] == 1.0e10
+    assert modeling.utilisation(1000.0, 6e6, 4.0e9, 1) == 1.0  # 6e9 achieved > 4e9 peak: capped
+    assert modeling.utilisation(100.0, 6e6, 4.0e9, 2) == pytest.approx(0.075)

@@ -42,6 +42,7 @@ from pipeline.modeling import (
     peak_flops,
     save_model,
     training_flops_per_token,
+    utilisation,
 )
 from pipeline.tracking import MetricsLog, log
 
@@ -335,7 +336,7 @@ def run(cfg: PretrainConfig) -> dict | None:
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_second": tokens_per_second,
                 "tokens": done * tokens_per_step,
-                "mfu": tokens_per_second * flops_per_token / (peak * world),
+                "mfu": utilisation(tokens_per_second, flops_per_token, peak, world),
             }
             metrics_log.write(done, last)
             bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
@@ -380,7 +381,7 @@ def run(cfg: PretrainConfig) -> dict | None:
             "precision": accelerator.mixed_precision, "val_loss_initial": val_loss_initial,
             "val_loss": last["val_loss"], "val_ppl": last["val_ppl"], "train_loss": last.get("loss"),
             "tokens_per_second": total_tokens / max(train_seconds, 1e-9),
-            "mfu": total_tokens / max(train_seconds, 1e-9) * flops_per_token / (peak * world),
+            "mfu": utilisation(total_tokens / max(train_seconds, 1e-9), flops_per_token, peak, world),
             "peak_flops_per_device": peak, "peak_flops_source": peak_source,
             "resumed_from_step": start_step if resume_from else None,
             "n_train_blocks": None if cfg.data.streaming else len(train_blocks),
