@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_text
+from pipeline.artifacts import atomic_write_text, check_resume_config
 from pipeline.config import UserError
 
 STATE_FILE = "trainer_state.json"
@@ -41,16 +41,22 @@ def stopped_message(folder: str | Path, step: int, what: str, advice: str) -> st
             "(resume: auto continues from it).")  # fmt: skip
 
 
-def find_resume_point(folder: str | Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: `auto` -> newest complete one (or None), `never` -> None, else a path."""
+def find_resume_point(folder: str | Path, resume: str, cfg: Any = None) -> Path | None:
+    """The checkpoint to resume from: `auto` -> newest complete one (or None), `never` -> None, else a path. With
+    `cfg`, checkpoints another config wrote (the stage folder's config.yaml) are refused, not continued."""
     if resume == "never":
         return None
     if resume == "auto":
         found = list_checkpoints(folder)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise UserError(f"resume: {resume} is not a complete checkpoint (no {STATE_FILE}); use auto, never or a path")
+        path = found[-1] if found else None
+    else:
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UserError(
+                f"resume: {resume} is not a complete checkpoint (no {STATE_FILE}); use auto, never or a path"
+            )
+    if path is not None and cfg is not None:
+        check_resume_config(Path(folder).parent, cfg)
     return path
 
 

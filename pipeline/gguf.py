@@ -24,7 +24,7 @@ def is_gguf(path: str) -> bool:
 
 def missing_file_problem(key: str, path: str) -> str | None:
     """What is wrong with a model key that names a .gguf file which is not there (None: nothing)."""
-    if not str(path).lower().endswith(SUFFIX) or Path(path).expanduser().is_file():
+    if not str(path).lower().endswith(SUFFIX) or is_gguf(path):
         return None
     return (
         f"{key}: no such GGUF file: {path!r} (SmolLM2-135M-Instruct: `make smollm2` or "

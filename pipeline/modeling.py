@@ -280,6 +280,7 @@ def best_measured_flops(machine: str, measured: float) -> float:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
+    known = known if isinstance(known, dict) else {}
     best = max(measured, float(known.get(machine, 0.0)))
     if best > known.get(machine, 0.0):
         try:

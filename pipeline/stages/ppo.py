@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, check_resume_config, write_manifest
+from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.batches import BlockSampler
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, UserError, config, field
@@ -230,9 +230,7 @@ def run(cfg: PPOConfig) -> dict | None:
     if per_rank % n_samples:
         raise UserError(f"train.rollout_batch_size {train.rollout_batch_size} / {world} process(es) = {per_rank} "
                         f"per process: not a multiple of rollout.samples_per_prompt {n_samples}")  # fmt: skip
-    resume_from = find_resume_point(out / "checkpoints", cfg.resume)
-    if resume_from is not None:  # checkpoints of another config would be continued as if they were this run's
-        check_resume_config(out, cfg)
+    resume_from = find_resume_point(out / "checkpoints", cfg.resume, cfg)  # another config's: refused
 
     accelerator = make_accelerator(cfg.precision, out, cfg.report_to)
     rank, device = accelerator.process_index, accelerator.device

@@ -23,7 +23,6 @@ import numpy as np
 from pipeline.artifacts import (
     atomic_dir,
     begin_stage,
-    check_resume_config,
     content_hash,
     describe_input,
     write_manifest,
@@ -175,9 +174,7 @@ def run(cfg: PretrainConfig) -> dict | None:
     accumulation = tokens_per_step // micro_tokens
     docs = load_examples(cfg.data, ["text"])
     val_docs = load_examples(cfg.validation_data, ["text"]) if cfg.validation_data else None
-    resume_from = find_resume_point(out / "checkpoints", cfg.resume)
-    if resume_from is not None:
-        check_resume_config(out, cfg)
+    resume_from = find_resume_point(out / "checkpoints", cfg.resume, cfg)
 
     # The model is built before the Accelerator: under a ZeRO-3 launch, transformers would otherwise build it
     # inside deepspeed.zero.Init, whose different initialisation breaks "same result as one process". A launch
