@@ -193,6 +193,73 @@ def test_policy_equal_to_reference_gives_zero_kl_and_ratio_one():  # C10
     assert stats["approx_kl"] < 1e-10 and stats["clipfrac"] == 0
 
 
+def test_lm_head_on_the_response_positions_only_gives_the_same_logits():
+    """With `logits_to_keep` (any transformers causal LM, under PEFT too) the response logits equal those of the
+    full forward pass; a model without it falls back to the full pass."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.rl.policy import keeps_logits, policy_forward
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, pad_token_id=2, eos_token_id=1)  # fmt: skip
+    llama = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[2, 2, 5, 6, 7, 8, 9, 1], [3, 4, 5, 6, 7, 10, 1, 2]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]])
+    batch = {"ids": ids, "attention_mask": mask, "context_length": 5}
+    lora = get_peft_model(llama, LoraConfig(r=4, target_modules="all-linear"))
+    assert keeps_logits(llama) and keeps_logits(lora)
+    with torch.no_grad():
+        full = llama(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        expected = ppo_core.response_logits(full, 5, 0.7)
+        assert torch.allclose(policy_forward(llama, batch, slice(None), 0.7), expected, atol=1e-5)
+        assert torch.allclose(policy_forward(lora, batch, slice(None), 0.7), expected, atol=1e-5)
+
+    class NoKeep(torch.nn.Module):  # a remote-code model whose forward has no logits_to_keep
+        def __init__(self):
+            super().__init__()
+            self.inner = llama
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    assert not keeps_logits(NoKeep())
+    with torch.no_grad():
+        assert torch.allclose(policy_forward(NoKeep(), batch, slice(None), 0.7), expected, atol=1e-5)
+
+
+def test_kl_placement_and_estimator_go_together():  # issue 19, item 4
+    """k3 in the loss pulls the policy toward the reference; k3 as a reward and k1 in the loss are refused."""
+    from pipeline.rl.ppo import KLSection
+
+    assert KLSection().check() == [] and KLSection(placement="loss", estimator="k3").check() == []
+    [in_reward] = KLSection(placement="reward", estimator="k3").check()
+    assert "k3 does not have the KL's gradient" in in_reward and "use estimator k1" in in_reward
+    [in_loss] = KLSection(placement="loss", estimator="k1").check()
+    assert "expected gradient is zero" in in_loss
+    assert "expected reward or loss" in KLSection(placement="advantage").check()[0]
+
+    torch.manual_seed(0)
+    reference = torch.log_softmax(torch.randn(16), -1)
+    logits = torch.randn(16, requires_grad=True)
+    optimizer = torch.optim.SGD([logits], lr=0.5)
+
+    def kl() -> float:
+        policy = torch.log_softmax(logits.detach(), -1)
+        return float((policy.exp() * (policy - reference)).sum())
+
+    start = kl()
+    for _ in range(50):  # on-policy samples, the k3 estimate as a loss (GRPO's form)
+        logprobs = torch.log_softmax(logits, -1)
+        tokens = torch.multinomial(logprobs.exp().detach(), 64, replacement=True)
+        loss = ppo_core.kl_estimate(logprobs[tokens], reference[tokens], "k3").mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert kl() < 0.2 * start, (start, kl())
+
+
 class _Tok:  # what rollout() reads from a tokenizer; pad 2, eos 1 as in _gpt2(), or pad == eos
     eos_token_id, bos_token_id = 1, 0
 
@@ -396,18 +463,22 @@ def test_a_tokenizer_whose_pad_is_eos_trains(tmp_path, tiny_policy, prompts, rul
     assert AutoTokenizer.from_pretrained(out / "model").pad_token_id == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("value_model, whiten", [("policy", True), ("none", True), ("none", False)])
+@pytest.mark.parametrize(
+    "value_model, whiten, kl_placement",
+    [("policy", True, "reward"), ("none", True, "reward"), ("none", False, "reward"), ("none", False, "loss")],
+)
 def test_several_samples_per_prompt_with_the_leave_one_out_baseline(
-    tmp_path, tiny_policy, prompts, rule_reward_path, value_model, whiten
+    tmp_path, tiny_policy, prompts, rule_reward_path, value_model, whiten, kl_placement
 ):
     """8 prompts x 4 samples a step, each prompt's samples together, with a critic or none (RLOO-style, advantages
-    whitened or at RLOO's own scale); the rule reward still rises. The prompt file lists every prompt twice, as a
-    preference file does: each is used once."""
+    whitened or at RLOO's own scale; GRPO-style with the KL in the loss); the rule reward still rises. The prompt
+    file lists every prompt twice, as a preference file does: each is used once."""
     doubled = tmp_path / "doubled.jsonl"
     doubled.write_text(prompts.read_text() * 2)
     out = tmp_path / "loo"
     extra = ["rollout.samples_per_prompt=4", "train.score_baseline=loo", "train.steps=20", "checkpoint_every=20",
-             f"value_model={value_model}", f"train.whiten_advantages={str(whiten).lower()}"]  # fmt: skip
+             f"value_model={value_model}", f"train.whiten_advantages={str(whiten).lower()}",
+             f"kl.placement={kl_placement}", f"kl.estimator={'k3' if kl_placement == 'loss' else 'k1'}"]  # fmt: skip
     result = run_cli(*ppo_args(out, tiny_policy, doubled, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = history(out)
@@ -415,6 +486,9 @@ def test_several_samples_per_prompt_with_the_leave_one_out_baseline(
         groups = [row["prompt_indices"][i : i + 4] for i in range(0, 32, 4)]
         assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == 8, row["prompt_indices"]
     assert ("explained_variance" in rows[-1]) == (value_model != "none"), rows[-1].keys()
+    assert ("kl_loss" in rows[-1]) == (kl_placement == "loss") and rows[0]["kl"] == 0, rows[-1].keys()
+    if kl_placement == "loss":
+        assert rows[-1]["kl_loss"] > 0, rows[-1]  # the policy moved away from the reference, and the loss knows
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     assert metrics["prompts"] == 192 and max(i for r in rows for i in r["prompt_indices"]) < 192
     assert metrics["reward_end"] > metrics["reward_start"] + 0.25, (metrics["reward_start"], metrics["reward_end"])

@@ -48,7 +48,17 @@ class RolloutSection:
 @config
 class KLSection:
     coef: float = field(0.05, "KL penalty coefficient beta (the starting value when adaptive).", ge=0)
-    estimator: str = field("k1", "Per-token KL estimator: k1 (log ratio) or k3 (non-negative, lower variance).")
+    placement: str = field(
+        "reward",
+        "reward: -beta * KL at every response token joins the reward (classic RLHF, N+; needs estimator k1); "
+        "loss: beta * KL of the current policy is added to the policy loss (GRPO's form; needs estimator k3).",
+    )
+    estimator: str = field(
+        "k1",
+        "Per-token KL estimator: k1 (log ratio) or k3 (non-negative, lower variance). As a reward only k1 has the "
+        "KL's gradient; as a loss k1's expected gradient is zero and k3's is that of KL(ref || policy) (Tang and "
+        "Munos 2025, 'On a few pitfalls in KL divergence gradient estimation for RL').",
+    )
     target: float | None = field(None, "Adaptive beta aims at this per-sequence KL in nats; null: fixed beta.", gt=0)
     horizon: int = field(10000, "Adaptive beta's horizon in sequences (Ziegler et al.).", ge=1)
     max: float | None = field(
@@ -56,7 +66,17 @@ class KLSection:
     )
 
     def check(self) -> list[str]:
-        return [] if self.estimator in ("k1", "k3") else [f"estimator: got {self.estimator!r}, expected k1 or k3"]
+        if self.placement not in ("reward", "loss"):
+            return [f"placement: got {self.placement!r}, expected reward or loss"]
+        if self.estimator not in ("k1", "k3"):
+            return [f"estimator: got {self.estimator!r}, expected k1 or k3"]
+        wanted = {"reward": "k1", "loss": "k3"}[self.placement]
+        if self.estimator != wanted:
+            why = ("as a per-token reward k3 does not have the KL's gradient" if self.placement == "reward"
+                   else "in the loss k1's expected gradient is zero")  # fmt: skip
+            return [f"estimator: {self.estimator} with placement {self.placement}: {why}; use estimator {wanted} "
+                    f"here, or placement {'loss' if wanted == 'k1' else 'reward'} with {self.estimator}"]  # fmt: skip
+        return []
 
 
 @config
@@ -145,7 +165,8 @@ def score_rollout(
     kl: KLSection, train: PPOTrainConfig,
 ) -> dict:  # fmt: skip
     """Rollout log-probs, reference log-probs and values (no grad), the scores (clipped, missing-stop penalty,
-    leave-one-out baseline), per-token KL and rewards, then GAE advantages (whitened unless told not) and returns."""
+    leave-one-out baseline), per-token KL and rewards (the KL penalty among them when kl.placement is reward), then
+    GAE advantages (whitened unless told not) and returns."""
     import torch
 
     temperature = rollout.temperature
@@ -165,7 +186,8 @@ def score_rollout(
         if train.score_baseline == "loo":
             scores = leave_one_out(scores, rollout.samples_per_prompt)
         kl_tokens = kl_estimate(old_logprobs, ref_logprobs, kl.estimator) * mask
-        rewards = token_rewards(scores, kl_tokens, kl_coef, batch["last_index"], mask)
+        reward_kl_coef = kl_coef if kl.placement == "reward" else 0.0  # placement loss: ppo_update adds it
+        rewards = token_rewards(scores, kl_tokens, reward_kl_coef, batch["last_index"], mask)
         if train.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         no_critic = models.critic_source == "none"
@@ -173,15 +195,17 @@ def score_rollout(
         if train.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
     return {"texts": texts, "raw_scores": raw_scores, "scores": scores, "kl": kl_tokens, "mask": mask,
-            "values": values, "old_logprobs": old_logprobs, "advantages": advantages, "returns": returns}  # fmt: skip
+            "values": values, "old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "advantages": advantages,
+            "returns": returns}  # fmt: skip
 
 
 def ppo_update(
     models: Models, optimizer, batch: dict, scored: dict, temperature: float, train: PPOTrainConfig, step: int,
-    checkpoints: Path,
+    checkpoints: Path, kl_loss_coef: float = 0.0,
 ) -> dict:  # fmt: skip
     """`ppo_epochs` passes over the rollout batch, a fresh permutation each (seeded by seed, step, rank), one
-    optimizer step per minibatch: clipped policy loss (+ clipped value loss with a critic), sequence-weighted.
+    optimizer step per minibatch: clipped policy loss (+ kl_loss_coef * the k3 KL of the current policy to the
+    reference, GRPO's form; + clipped value loss with a critic), sequence-weighted.
     Stops, before the optimizer step, when the loss is not finite or the mean ratio leaves train.ratio_range.
     Returns each logged term's mean over micro-batches."""
     import torch
@@ -203,6 +227,9 @@ def ppo_update(
                 pg_loss, pg_stats = policy_loss(new_logprobs, scored["old_logprobs"][rows], scored["advantages"][rows],
                                                 mask[rows], train.clip_range)  # fmt: skip
                 loss, terms = pg_loss, {"pg_loss": pg_loss, **pg_stats}
+                if kl_loss_coef:
+                    kl_term = masked_mean(kl_estimate(new_logprobs, scored["ref_logprobs"][rows], "k3"), mask[rows])
+                    loss, terms = loss + kl_loss_coef * kl_term, {**terms, "kl_loss": kl_term}
                 if with_critic:
                     vf_loss, vf_stats = value_loss(new_values, scored["values"][rows], scored["returns"][rows],
                                                    mask[rows], train.value_clip_range)  # fmt: skip

@@ -278,7 +278,9 @@ def run(cfg: PPOConfig) -> dict | None:
         if cfg.kl.max is not None and sequence_kl > cfg.kl.max:
             raise guardrail(out / "checkpoints", step, f"KL to the reference {sequence_kl:.3f} > kl.max {cfg.kl.max}")
         t2 = time.perf_counter()
-        stats = ppo_update(models, optimizer, batch, scored, cfg.rollout.temperature, train, step, out / "checkpoints")
+        kl_loss_coef = kl_controller.coef if cfg.kl.placement == "loss" else 0.0
+        stats = ppo_update(models, optimizer, batch, scored, cfg.rollout.temperature, train, step, out / "checkpoints",
+                           kl_loss_coef)  # fmt: skip
         t3 = time.perf_counter()
 
         row = step_metrics(models, batch, scored, stats, kl_controller.coef)
