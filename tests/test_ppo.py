@@ -260,6 +260,44 @@ def test_kl_placement_and_estimator_go_together():  # issue 19, item 4
     assert kl() < 0.2 * start, (start, kl())
 
 
+def test_the_update_does_not_depend_on_how_the_minibatch_is_split(tmp_path):  # issue 19, item 5
+    """Responses of 1 to 6 tokens: one optimizer step over the same minibatch gives the same weights with
+    micro-batches of 1, 2 or 4 (losses are summed over tokens and divided by the minibatch's token count)."""
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.rl.ppo import Models, PPOTrainConfig, ppo_update
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, pad_token_id=2, eos_token_id=1)  # fmt: skip
+    lengths = [1, 2, 5, 6]
+    responses = torch.tensor([[9 + i] * n + [2] * (6 - n) for i, n in enumerate(lengths)])
+    mask = (responses != 2).long()
+    prompt = torch.tensor([[5, 6, 7]] * 4)
+    batch = {"ids": torch.cat([prompt, responses], 1), "attention_mask": torch.cat([torch.ones_like(prompt), mask], 1),
+             "context_length": 3, "responses": responses}  # fmt: skip
+    advantages = torch.tensor([[1.0] * 6, [-2.0] * 6, [0.5] * 6, [-0.25] * 6]) * mask
+
+    def updated(micro: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        models = Models(accelerator, model, None, None, "none")
+        with torch.no_grad():
+            old = ppo_core.token_logprobs(models.forward(batch, slice(None), 1.0, unwrapped=True)[0], responses)
+        scored = {"mask": mask.float(), "old_logprobs": old, "advantages": advantages}
+        train = PPOTrainConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=micro, grad_clip=0)
+        ppo_update(models, optimizer, batch, scored, 1.0, train, 0, tmp_path)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    start = torch.cat([p.flatten() for p in (torch.manual_seed(0), LlamaForCausalLM(config))[1].parameters()])
+    whole = updated(4)
+    assert not torch.allclose(whole, start)
+    for micro in (1, 2):
+        assert torch.allclose(updated(micro), whole, atol=1e-6), micro
+
+
 class _Tok:  # what rollout() reads from a tokenizer; pad 2, eos 1 as in _gpt2(), or pad == eos
     eos_token_id, bos_token_id = 1, 0
 

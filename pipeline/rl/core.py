@@ -19,6 +19,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_normalised(values: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor | float | None) -> torch.Tensor:
+    """Sum over the masked entries divided by `tokens` (the minibatch's response tokens, counted over every
+    micro-batch and process), so the objective does not depend on how the minibatch is split; None: the mean."""
+    return masked_mean(values, mask) if tokens is None else (values * mask).sum() / tokens
+
+
 def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased variance over the masked entries (Bessel's correction, as trl and N+ do)."""
     mean = masked_mean(values, mask)
@@ -143,15 +149,17 @@ def gae(
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate (C4): masked_mean(max(-A r, -A clamp(r, 1-eps, 1+eps))), r = pi / pi_old; with its
-    statistics (C5): clip fraction, approx KL 0.5 * mean(log r ^ 2), mean ratio."""
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float,
+    tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Clipped surrogate (C4): max(-A r, -A clamp(r, 1-eps, 1+eps)), r = pi / pi_old, averaged over the masked
+    tokens (or summed and divided by `tokens`: token_normalised); with its statistics (C5): clip fraction, approx KL
+    0.5 * mean(log r ^ 2), mean ratio."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    loss = token_normalised(torch.max(unclipped, clipped), mask, tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
@@ -162,12 +170,14 @@ def policy_loss(
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss (C3): 0.5 * masked_mean(max((V - R)^2, (Vc - R)^2)), Vc = V_old +- eps."""
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+    tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Clipped value loss (C3): 0.5 * max((V - R)^2, (Vc - R)^2), Vc = V_old +- eps, averaged over the masked tokens
+    (or divided by `tokens`)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped_error, clipped_error = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    loss = 0.5 * token_normalised(torch.max(unclipped_error, clipped_error), mask, tokens)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask)}
     return loss, stats

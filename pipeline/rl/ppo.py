@@ -21,6 +21,7 @@ from pipeline.rl.core import (
     penalise_missing_stop,
     policy_loss,
     token_logprobs,
+    token_normalised,
     token_rewards,
     value_loss,
 )
@@ -205,7 +206,8 @@ def ppo_update(
 ) -> dict:  # fmt: skip
     """`ppo_epochs` passes over the rollout batch, a fresh permutation each (seeded by seed, step, rank), one
     optimizer step per minibatch: clipped policy loss (+ kl_loss_coef * the k3 KL of the current policy to the
-    reference, GRPO's form; + clipped value loss with a critic), sequence-weighted.
+    reference, GRPO's form; + clipped value loss with a critic), each summed over tokens and divided by the
+    minibatch's response tokens over all processes, so micro_batch_size and the process count do not change it.
     Stops, before the optimizer step, when the loss is not finite or the mean ratio leaves train.ratio_range.
     Returns each logged term's mean over micro-batches."""
     import torch
@@ -221,20 +223,23 @@ def ppo_update(
         order = torch.randperm(per_rank, generator=order_generator)
         for part in order.split(minibatch):
             check = torch.zeros(3, device=device)  # summed loss, mean ratio, non-finite count
+            # DDP averages gradients over processes, so each divides by the mean token count per process
+            tokens = accelerator.reduce(mask[part].sum(), "sum") / accelerator.num_processes
             for rows in part.split(train.micro_batch_size):
                 logits, new_values = models.forward(batch, rows, temperature)
                 new_logprobs = token_logprobs(logits, responses[rows])
                 pg_loss, pg_stats = policy_loss(new_logprobs, scored["old_logprobs"][rows], scored["advantages"][rows],
-                                                mask[rows], train.clip_range)  # fmt: skip
-                loss, terms = pg_loss, {"pg_loss": pg_loss, **pg_stats}
+                                                mask[rows], train.clip_range, tokens)  # fmt: skip
+                as_mean = tokens / mask[rows].sum().clamp(min=1)  # logged terms: this micro-batch's token mean
+                loss, terms = pg_loss, {"pg_loss": pg_loss * as_mean, **pg_stats}
                 if kl_loss_coef:
-                    kl_term = masked_mean(kl_estimate(new_logprobs, scored["ref_logprobs"][rows], "k3"), mask[rows])
-                    loss, terms = loss + kl_loss_coef * kl_term, {**terms, "kl_loss": kl_term}
+                    kl_term = token_normalised(kl_estimate(new_logprobs, scored["ref_logprobs"][rows], "k3"),
+                                               mask[rows], tokens)  # fmt: skip
+                    loss, terms = loss + kl_loss_coef * kl_term, {**terms, "kl_loss": kl_term * as_mean}
                 if with_critic:
                     vf_loss, vf_stats = value_loss(new_values, scored["values"][rows], scored["returns"][rows],
-                                                   mask[rows], train.value_clip_range)  # fmt: skip
-                    loss, terms = loss + train.vf_coef * vf_loss, {**terms, "vf_loss": vf_loss, **vf_stats}
-                loss = loss * len(rows) / len(part)  # sequence-weighted mean
+                                                   mask[rows], train.value_clip_range, tokens)  # fmt: skip
+                    loss, terms = loss + train.vf_coef * vf_loss, {**terms, "vf_loss": vf_loss * as_mean, **vf_stats}
                 accelerator.backward(loss)
                 with torch.no_grad():
                     terms["entropy"] = masked_mean(entropy_from_logits(logits), mask[rows])
