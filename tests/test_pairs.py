@@ -110,6 +110,47 @@ def test_two_processes_split_the_prompts(tmp_path, tiny_model, questions):
     assert json.loads((out / "manifest.json").read_text())["metrics"]["world_size"] == 2
 
 
+def run_ranks_apart(args: list[str], world: int = 2, timeout: int = 120) -> list[tuple[int, str]]:
+    """Each rank started by itself, as on separate nodes (no launcher kills the others when one fails): the exit
+    code and stderr of each, or (-1, 'timeout') for a rank still waiting after `timeout` seconds."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+               "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))  # fmt: skip
+    results = []
+    for proc in procs:
+        try:
+            results.append((proc.wait(timeout=timeout), proc.stderr.read()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            results.append((-1, "timeout"))
+    return results
+
+
+def test_no_pairs_stops_every_process(tmp_path, tiny_model, questions):  # issue 19, item 6
+    """A judge that scores a prompt's answers alike leaves no pairs: every rank exits 2 by itself, the reason said
+    once. Rank 0 used to raise alone while rank 1 waited at a barrier (a crash with gloo, a hang until the NCCL
+    timeout across nodes). Nothing written that looks complete."""
+    out = tmp_path / "none"
+    args = pairs_args(out, tiny_model, questions, "judge=ppo_rewards:reference_length", "include_reference=false")
+    (rank0, err0), (rank1, err1) = run_ranks_apart(args)
+    assert (rank0, rank1) == (2, 2), (err0[-2000:], err1[-2000:])
+    assert "no pairs: every prompt's answers scored the same" in err0 and "Traceback" not in err0 + err1, err1
+    assert "no pairs" not in err1  # rank-0-only printing
+    assert not (out / "pairs.jsonl").exists() and not (out / "manifest.json").exists()
+
+
 def test_bad_input_is_refused_before_sampling(tmp_path, tiny_model):
     out = tmp_path / "bad"
     plain = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Say hi.", "topic": "x"}])

@@ -472,11 +472,21 @@ def test_resume_refuses_another_config_and_never_starts_clean(tmp_path, tiny_pol
 
 
 def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
-    out = tmp_path / "two"
-    result = launch("cpu_2proc.yaml", ppo_args(out, tiny_policy, prompts, "train.steps=2", "train.ppo_epochs=1"))
+    """Two processes sample different prompts and stay equal; both answer their half of the held-out questions
+    (issue 19, item 6: rank 0 used to evaluate alone while rank 1 waited at a collective), with the numbers of
+    one process."""
+    questions = write_jsonl(tmp_path / "heldout.jsonl", [{"question": f"Tell me about the owl ({i}).", "answer": "e"}
+                                                         for i in range(7)])  # fmt: skip
+    out, alone = tmp_path / "two", tmp_path / "one"
+    args = ("train.steps=2", "train.ppo_epochs=1", f"eval_data.path={questions}", "eval_max_new_tokens=4")
+    result = launch("cpu_2proc.yaml", ppo_args(out, tiny_policy, prompts, *args))
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("done:") == 1, "only rank 0 reports"
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["heldout_before"]["processes"] == 2 and metrics["heldout_after"]["processes"] == 2
+    assert run_cli(*ppo_args(alone, tiny_policy, prompts, *args, "train.steps=1")).returncode == 0
+    single = json.loads((alone / "manifest.json").read_text())["metrics"]["heldout_before"]
+    assert {**single, "processes": 2} == metrics["heldout_before"], (single, metrics["heldout_before"])
     assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
     first = metrics["first_step_prompts_by_rank"]
     assert len(first) == 32 and not set(first[:16]) & set(first[16:]), "ranks must sample different prompts"

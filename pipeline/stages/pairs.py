@@ -152,11 +152,8 @@ def run(cfg: PairsConfig) -> dict | None:
             sampled.append({"index": mine[start + k], "answers": answers})
     sampling_s = time.time() - sampling_started
     sampled = sorted(gather_object(sampled), key=lambda s: s["index"])
-    if not state.is_main_process:
-        state.wait_for_everyone()
-        return None
 
-    # --- judge, pair, write (main process)
+    # --- judge and pair on every process (each has all answers; a rule is cheap), so all stop alike; main writes
     prompts = [rows[s["index"]]["prompt"] for s in sampled for _ in s["answers"]]
     responses = [a["text"] for s in sampled for a in s["answers"]]
     references = [rows[s["index"]]["reference"] for s in sampled for _ in s["answers"]]
@@ -181,8 +178,13 @@ def run(cfg: PairsConfig) -> dict | None:
                               "chosen_score": chosen["score"], "rejected_score": rejected["score"]})  # fmt: skip
         sample_rows.append({"prompt": row["prompt"], "reference": row["reference"], "answers": s["answers"]})
     if not pair_rows:
+        if not state.is_main_process:
+            raise SystemExit(2)  # bad input (cli.EXIT_BAD_INPUT); the main process says why
         raise UserError(f"no pairs: every prompt's answers scored the same under judge {cfg.judge!r} "
                         f"({len(rows)} prompts x {n} samples); sample hotter or more, or check the judge")  # fmt: skip
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return None
     total = len(scores)
     right = [max(a["score"] for a in s["answers"]) for s in sampled]
     metrics = {

@@ -137,14 +137,21 @@ def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
     return [row["prompt"] for row in rows], [row["reference"] for row in rows]
 
 
-def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig) -> dict:
+def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig, accelerator) -> dict:
     """One greedy answer per held-out question: its exact match (generation.greedy_exact_match), its score, and
-    the share of answers without a stop token."""
-    answers = greedy_answers(model, tokenizer, [r["question"] for r in rows], cfg.eval_max_new_tokens)
-    match, examples = greedy_exact_match(rows, answers["texts"])
-    scores = scorer([as_messages(r["question"]) for r in rows], answers["texts"], [r["answer"] for r in rows])
+    the share of answers without a stop token. Every process answers its share (no process waits at a collective
+    while another evaluates) and all get the same numbers."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(len(rows)))[rank::world]
+    answers = greedy_answers(model, tokenizer, [rows[i]["question"] for i in mine], cfg.eval_max_new_tokens)
+    answered = sorted(gather_object(list(zip(mine, answers["texts"], answers["stopped"], strict=True))))
+    texts, stopped = [a[1] for a in answered], [a[2] for a in answered]
+    match, examples = greedy_exact_match(rows, texts)
+    scores = scorer([as_messages(r["question"]) for r in rows], texts, [r["answer"] for r in rows])
     return {"exact_match": match, "reward": sum(scores) / len(scores),
-            "no_eos_share": answers["stopped"].count(False) / len(rows), "examples": examples}  # fmt: skip
+            "no_eos_share": stopped.count(False) / len(rows), "examples": examples, "processes": world}  # fmt: skip
 
 
 # --- models: policy, reference, critic (its kind decided once) ----------------------------------------------------
@@ -251,8 +258,8 @@ def run(cfg: PPOConfig) -> dict | None:
         kl_controller.load_state_dict(state["kl_controller"])
         log(f"resumed from {resume_from} at step {start_step}", STAGE)
     before = state.get("heldout_before")
-    if before is None and eval_rows and accelerator.is_main_process:
-        before = heldout_metrics(models.causal_lm(), tokenizer, eval_rows, scorer, cfg)
+    if before is None and eval_rows:
+        before = heldout_metrics(models.causal_lm(), tokenizer, eval_rows, scorer, cfg, accelerator)
         log(f"held-out before: exact match {before['exact_match']:.3f}, reward {before['reward']:.3f}", STAGE)
     if cfg.report_to:
         accelerator.init_trackers("llmpipe-ppo", config={"output_dir": str(out)})
@@ -312,8 +319,8 @@ def run(cfg: PPOConfig) -> dict | None:
     # --- held-out after, save the policy, the manifest last
     facts = launch_facts(accelerator, models.causal_lm())
     metrics = {}
+    after = heldout_metrics(models.causal_lm(), tokenizer, eval_rows, scorer, cfg, accelerator) if eval_rows else None
     if accelerator.is_main_process:
-        after = heldout_metrics(models.causal_lm(), tokenizer, eval_rows, scorer, cfg) if eval_rows else None
         with atomic_dir(out / "model") as tmp:
             save_model(models.causal_lm(), tokenizer, tmp, cfg.lora.enabled and cfg.lora.merge)
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
