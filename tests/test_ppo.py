@@ -493,6 +493,23 @@ def test_two_cpu_processes(tmp_path, tiny_policy, prompts, rule_reward_path):
     assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
 
 
+@pytest.mark.parametrize("value_model, lora", [("policy", False), ("head", False), ("none", False), ("head", True),
+                                              ("policy", True)])  # fmt: skip
+def test_policy_equal_to_reference_gives_zero_kl_under_bf16_autocast(
+    tmp_path, tiny_policy, prompts, rule_reward_path, value_model, lora
+):  # issue 19, item 3
+    """precision bf16 on CPU (Accelerate's autocast, as on a GPU): the reference, the policy with its value head
+    and generation all run under the same autocast, so KL is exactly 0 at step 1 in every critic mode."""
+    out = tmp_path / "bf16"
+    extra = ["precision=bf16", f"value_model={value_model}", f"lora.enabled={str(lora).lower()}", "train.steps=1",
+             "train.ppo_epochs=1", "train.num_minibatches=1", "train.micro_batch_size=32"]  # fmt: skip
+    result = run_cli(*ppo_args(out, tiny_policy, prompts, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = history(out)[0]
+    assert first["kl"] == 0 and abs(first["ratio"] - 1) < 1e-6, first
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["mixed_precision"] == "bf16"
+
+
 def test_a_tokenizer_whose_pad_is_eos_trains(tmp_path, tiny_policy, prompts, rule_reward_path):  # A2
     """The policy's tokenizer pads with EOS, as Llama 3 and SmolLM ship: ppo runs, and stopped responses (the EOS
     inside the mask) get their score."""

@@ -172,7 +172,9 @@ def score_rollout(
 
     temperature = rollout.temperature
     responses, mask = batch["responses"], batch["mask"].float()
-    with torch.no_grad():
+    # one autocast for every pass (a frozen reference is not prepared, so Accelerate would leave it in fp32): with
+    # policy == reference the KL is exactly 0 under bf16 too
+    with torch.no_grad(), models.accelerator.autocast():
         old_logprobs, ref_logprobs, values = [], [], []
         for rows in torch.arange(len(responses)).split(train.micro_batch_size):
             logits, rollout_values = models.forward(batch, rows, temperature, unwrapped=True)
@@ -226,7 +228,8 @@ def ppo_update(
             # DDP averages gradients over processes, so each divides by the mean token count per process
             tokens = accelerator.reduce(mask[part].sum(), "sum") / accelerator.num_processes
             for rows in part.split(train.micro_batch_size):
-                logits, new_values = models.forward(batch, rows, temperature)
+                with accelerator.autocast():
+                    logits, new_values = models.forward(batch, rows, temperature)
                 new_logprobs = token_logprobs(logits, responses[rows])
                 pg_loss, pg_stats = policy_loss(new_logprobs, scored["old_logprobs"][rows], scored["advantages"][rows],
                                                 mask[rows], train.clip_range, tokens)  # fmt: skip

@@ -276,8 +276,9 @@ def run(cfg: PPOConfig) -> dict | None:
         batch_prompts = [prompts[i] for i in indices]
         batch_scorer = functools.partial(scorer, references=[references[i] for i in indices])
         torch.manual_seed(step_seed(train.seed, step, rank))
-        batch = rollout(models.causal_lm(), tokenizer, [prompt_ids[i] for i in indices], cfg.rollout.max_new_tokens,
-                        cfg.rollout.temperature, cfg.rollout.top_p)  # fmt: skip
+        with accelerator.autocast():  # sampled in the precision the log-probs are computed in
+            batch = rollout(models.causal_lm(), tokenizer, [prompt_ids[i] for i in indices],
+                            cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)  # fmt: skip
         t1 = time.perf_counter()
         scored = score_rollout(models, tokenizer, batch, batch_prompts, batch_scorer, kl_controller.coef, cfg.rollout,
                                cfg.kl, train)  # fmt: skip
