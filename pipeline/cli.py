@@ -14,11 +14,26 @@ import difflib
 import importlib
 import json
 import os
+import signal
 import sys
 import textwrap
 
-from pipeline.config import StageFailed, UserError, describe_fields, load_config
-from pipeline.data import check_data_paths
+
+def _quit_now(signum, frame) -> None:
+    """Ctrl-C while llmpipe starts up or shuts down (nothing of the user's is open): exit 130 at once, no traceback."""
+    os.write(2, b"llmpipe: interrupted\n")
+    os._exit(130)
+
+
+# Installed first, before the imports that take a second or more, when llmpipe runs as a program (never when a
+# test or notebook imports this module); a launcher that left SIGINT ignored is obeyed. _exit_code puts Python's
+# own handler back while a command runs, so its Ctrl-C is a KeyboardInterrupt that writes what it must.
+_AS_PROGRAM = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "llmpipe"
+if _AS_PROGRAM and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _quit_now)
+
+from pipeline.config import StageFailed, UserError, describe_fields, load_config  # noqa: E402 (after the handler)
+from pipeline.data import check_data_paths  # noqa: E402
 
 # stage name -> (module, one-line summary)
 STAGES = {
@@ -130,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_code(prog: str, call, interrupted_hint: str = "") -> int:
     """Run `call` (returning an exit code or None for 0) and turn llmpipe's errors into one-line messages and exit
     codes: a failed stage 1, bad input 2 (one line per problem, no traceback), an interrupt 130."""
+    if signal.getsignal(signal.SIGINT) is _quit_now:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return call() or 0
     except StageFailed as exc:
@@ -142,6 +159,9 @@ def _exit_code(prog: str, call, interrupted_hint: str = "") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted{interrupted_hint}", file=sys.stderr)
         return 130
+    finally:  # from here to the exit, a Ctrl-C has nothing left to interrupt
+        if _AS_PROGRAM and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _quit_now)
 
 
 def _run_stage(stage: str, argv: list[str], validate: bool) -> int:
