@@ -146,10 +146,11 @@ def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig, 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(len(rows)))[rank::world]
     answers = greedy_answers(model, tokenizer, [rows[i]["question"] for i in mine], cfg.eval_max_new_tokens)
-    answered = sorted(gather_object(list(zip(mine, answers["texts"], answers["stopped"], strict=True))))
-    texts, stopped = [a[1] for a in answered], [a[2] for a in answered]
+    questions, references = [as_messages(rows[i]["question"]) for i in mine], [rows[i]["answer"] for i in mine]
+    scores = scorer(questions, answers["texts"], references) if mine else []  # a rank can have no rows
+    answered = sorted(gather_object(list(zip(mine, answers["texts"], answers["stopped"], scores, strict=True))))
+    texts, stopped, scores = [a[1] for a in answered], [a[2] for a in answered], [a[3] for a in answered]
     match, examples = greedy_exact_match(rows, texts)
-    scores = scorer([as_messages(r["question"]) for r in rows], texts, [r["answer"] for r in rows])
     return {"exact_match": match, "reward": sum(scores) / len(scores),
             "no_eos_share": stopped.count(False) / len(rows), "examples": examples, "processes": world}  # fmt: skip
 
