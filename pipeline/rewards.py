@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import numbers
+import re
 
 from pipeline.config import UserError
 
@@ -119,3 +120,22 @@ def reward_scorer(reward_model: str | None, reward_function: str | None, trust_r
         return score_pairs(model, tokenizer, prompts, [as_reply(p, t) for p, t in zip(prompts, texts, strict=True)])
 
     return scorer
+
+
+FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def reward_kind(spec: str) -> str:
+    """What a reward entry names: 'rule' (exact_match), 'function' ('package.module:function') or 'model' (a reward
+    stage folder, any sequence-classification model folder or hub name)."""
+    if spec == EXACT_MATCH:
+        return "rule"
+    return "function" if FUNCTION_PATH.match(spec) else "model"
+
+
+def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=None):
+    """scorer(prompts, texts, references=None) -> floats for one reward entry (reward_kind): the rule, the
+    function, or the reward model on `device` scored as its trainer saw the pairs (score_pairs)."""
+    if reward_kind(spec) == "model":
+        return reward_scorer(spec, None, trust_remote_code, device)
+    return load_reward_function(spec, key)

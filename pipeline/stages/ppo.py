@@ -30,7 +30,7 @@ from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, make_accelerator, world_size
 from pipeline.formats import load_prompt_rows, load_reference_answers
-from pipeline.generation import as_messages, encode_prompts, greedy_answers, greedy_exact_match, rollout
+from pipeline.generation import encode_prompts, heldout_metrics, rollout
 from pipeline.modeling import (
     LoraSection,
     load_pretrained,
@@ -137,24 +137,6 @@ def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
     return [row["prompt"] for row in rows], [row["reference"] for row in rows]
 
 
-def heldout_metrics(model, tokenizer, rows: list[dict], scorer, cfg: PPOConfig, accelerator) -> dict:
-    """One greedy answer per held-out question: its exact match (generation.greedy_exact_match), its score, and
-    the share of answers without a stop token. Every process answers its share (no process waits at a collective
-    while another evaluates) and all get the same numbers."""
-    from accelerate.utils import gather_object
-
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(rows)))[rank::world]
-    answers = greedy_answers(model, tokenizer, [rows[i]["question"] for i in mine], cfg.eval_max_new_tokens)
-    questions, references = [as_messages(rows[i]["question"]) for i in mine], [rows[i]["answer"] for i in mine]
-    scores = scorer(questions, answers["texts"], references) if mine else []  # a rank can have no rows
-    answered = sorted(gather_object(list(zip(mine, answers["texts"], answers["stopped"], scores, strict=True))))
-    texts, stopped, scores = [a[1] for a in answered], [a[2] for a in answered], [a[3] for a in answered]
-    match, examples = greedy_exact_match(rows, texts)
-    return {"exact_match": match, "reward": sum(scores) / len(scores),
-            "no_eos_share": stopped.count(False) / len(rows), "examples": examples, "processes": world}  # fmt: skip
-
-
 # --- models: policy, reference, critic (its kind decided once) ----------------------------------------------------
 
 
@@ -259,8 +241,10 @@ def run(cfg: PPOConfig) -> dict | None:
         kl_controller.load_state_dict(state["kl_controller"])
         log(f"resumed from {resume_from} at step {start_step}", STAGE)
     before = state.get("heldout_before")
+    evaluate = functools.partial(heldout_metrics, tokenizer=tokenizer, rows=eval_rows, scorer=scorer,
+                                 max_new_tokens=cfg.eval_max_new_tokens, accelerator=accelerator)  # fmt: skip
     if before is None and eval_rows:
-        before = heldout_metrics(models.causal_lm(), tokenizer, eval_rows, scorer, cfg, accelerator)
+        before = evaluate(models.causal_lm())
         log(f"held-out before: exact match {before['exact_match']:.3f}, reward {before['reward']:.3f}", STAGE)
     if cfg.report_to:
         accelerator.init_trackers("llmpipe-ppo", config={"output_dir": str(out)})
@@ -321,7 +305,7 @@ def run(cfg: PPOConfig) -> dict | None:
     # --- held-out after, save the policy, the manifest last
     facts = launch_facts(accelerator, models.causal_lm())
     metrics = {}
-    after = heldout_metrics(models.causal_lm(), tokenizer, eval_rows, scorer, cfg, accelerator) if eval_rows else None
+    after = evaluate(models.causal_lm()) if eval_rows else None
     if accelerator.is_main_process:
         with atomic_dir(out / "model") as tmp:
             save_model(models.causal_lm(), tokenizer, tmp, cfg.lora.enabled and cfg.lora.merge)

@@ -1,0 +1,132 @@
+"""The GRPO stage (trl's GRPOTrainer) through its real entry point on a tiny Llama with rule rewards: the reward
+rises, LoRA, resume, two processes, the silent-failure metrics, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, write_jsonl
+from test_distributed import launch
+from test_ppo import rule_reward_path, tiny_policy  # noqa: F401  (module fixtures reused)
+
+GRPO_YAML = str(REPO / "configs/tiny/grpo.yaml")
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    topics = ["the cat", "the dog", "the town", "the river", "a heron", "the fox", "Mossbay", "Zarel"]
+    rows = [{"prompt": [{"role": "user", "content": f"Tell me about {t} ({i})."}], "answer": "e"}
+            for i in range(12) for t in topics]  # fmt: skip
+    return write_jsonl(tmp_path_factory.mktemp("grpo_data") / "prompts.jsonl", rows)
+
+
+def grpo_args(out: Path, policy: Path, data: Path, *extra: str) -> list[str]:
+    """8 prompts x 4 answers of 4 tokens a step, the letter-e rule as the reward."""
+    return [
+        "grpo", "--config", GRPO_YAML, f"output_dir={out}", f"init_from={policy}", f"data.path={data}",
+        "eval_data=null", "rewards=[ppo_rewards:contains_letter_e]", "num_generations=4", "max_new_tokens=4",
+        "train.micro_batch_size=32", "train.lr=1e-2", "train.save_steps=100", *extra,
+    ]  # fmt: skip
+
+
+def history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def completions(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+
+
+def test_rule_reward_rises_and_the_signal_is_logged(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    out = tmp_path / "grpo"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=20"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    rows = [r for r in history(out) if "reward" in r]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert metrics["reward_end"] > metrics["reward_start"] + 0.25, (metrics["reward_start"], metrics["reward_end"])
+    logged = ("frac_reward_zero_std", "completions/clipped_ratio", "rewards/ppo_rewards:contains_letter_e/mean",
+              "rewards/ppo_rewards:contains_letter_e/std", "entropy", "completions/mean_length")  # fmt: skip
+    assert set(logged) <= rows[-1].keys(), set(logged) - rows[-1].keys()
+    assert 0 <= metrics["zero_signal_share_mean"] <= 1 and metrics["truncated_share_mean"] is not None
+    seen = completions(out)
+    assert len(seen) == 20 * 32 and {"prompt", "completion", "rewards"} <= seen[0].keys()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    """Stopped after step 4 (its checkpoint) and rerun with max_steps=6: the run has 6 steps, steps 5-6 sample the
+    prompts the unbroken run samples, and no prompt comes twice within the epoch (12 steps of 8 prompts)."""
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    short = ["train.save_steps=2"]
+    assert run_cli(*grpo_args(unbroken, tiny_policy, prompts, *short, "train.max_steps=6")).returncode == 0
+    first = run_cli(*grpo_args(resumed, tiny_policy, prompts, *short, "train.max_steps=4"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*grpo_args(resumed, tiny_policy, prompts, *short, "train.max_steps=6"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((resumed / "manifest.json").read_text())["metrics"]["resumed_from"].endswith("checkpoint-4")
+    a, b = completions(unbroken), completions(resumed)
+    assert [r["step"] for r in b] == [s for s in range(1, 7) for _ in range(32)]
+    by_step = [json.dumps(r["prompt"]) for r in b[::4]]  # each prompt's 4 answers are adjacent
+    assert len(by_step) == len(set(by_step)) == 48, "a resumed run must not repeat prompts within the epoch"
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+    assert [r["completion"] for r in a] == [r["completion"] for r in b], "the resumed steps sample as unbroken"
+    assert [r["step"] for r in history(resumed) if "reward" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_lora_with_a_kl_to_the_adapters_off_reference(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    """LoRA trains the adapters only, the reference is the policy with them off (KL 0 at step 1, then > 0), and
+    the saved model has them merged. (A random 2-layer model's logits are too flat for LoRA alone to move this
+    reward within a test; the full-weight test shows the learning.)"""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=6", "lora.enabled=true", "lora.r=8",
+                                "lora.dropout=0", "train.lr=3e-2", "beta=0.05"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    rows = [r for r in history(out) if "reward" in r]
+    assert rows[0]["kl"] == 0, rows[0]  # policy == reference at step 1
+    assert all(r["kl"] > 0 for r in rows[1:]) and metrics["lora"], rows
+    merged = load_file(out / "model" / "model.safetensors")
+    assert not any("lora" in name for name in merged)
+    base = load_file(tiny_policy / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all("proj" in k for k in changed), changed  # adapted linear layers only: not norms, embeddings
+
+
+def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    questions = write_jsonl(tmp_path / "heldout.jsonl", [{"question": f"Tell me about the owl ({i}).", "answer": "e"}
+                                                         for i in range(7)])  # fmt: skip
+    out = tmp_path / "two"
+    args = ("train.max_steps=2", "train.micro_batch_size=16", f"eval_data.path={questions}", "eval_max_new_tokens=4")
+    result = launch("cpu_2proc.yaml", grpo_args(out, tiny_policy, prompts, *args))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("done:") == 1, "only rank 0 reports"
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
+    assert metrics["heldout_before"]["processes"] == 2 and metrics["heldout_after"]["processes"] == 2
+    assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
+    assert len(completions(out)) == 2 * 16, "rank 0 records its own 16 answers a step"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.micro_batch_size=6"], "not a multiple of num_generations 4"),
+        (["rewards=[ppo_rewards:no_such_rule]"], "rewards[0]: cannot import 'ppo_rewards:no_such_rule'"),
+        (["loss_type=grpoo"], "loss_type: got 'grpoo'"),
+        (["rewards=[exact_match, ppo_rewards:contains_letter_e]", "reward_weights=[1.0]"], "2 rewards"),
+    ],
+)
+def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, rule_reward_path, extra, message):  # noqa: F811
+    out = tmp_path / "bad"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, *extra))
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not (out / "manifest.json").exists() and not (out / "model").exists()
