@@ -126,16 +126,38 @@ FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def reward_kind(spec: str) -> str:
-    """What a reward entry names: 'rule' (exact_match), 'function' ('package.module:function') or 'model' (a reward
-    stage folder, any sequence-classification model folder or hub name)."""
+    """What a reward entry names: 'rule' (exact_match), 'task' (an eval task YAML: its answer filter and
+    exact-match options), 'function' ('package.module:function') or 'model' (a reward stage folder, any
+    sequence-classification model folder or hub name)."""
     if spec == EXACT_MATCH:
         return "rule"
+    if spec.endswith((".yaml", ".yml")):
+        return "task"
     return "function" if FUNCTION_PATH.match(spec) else "model"
 
 
 def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=None):
     """scorer(prompts, texts, references=None) -> floats for one reward entry (reward_kind): the rule, the
-    function, or the reward model on `device` scored as its trainer saw the pairs (score_pairs)."""
+    function, the task's metric against each reference, or the reward model on `device` scored as its trainer saw
+    the pairs (score_pairs)."""
+    if reward_kind(spec) == "task":
+        return task_scorer(spec)
     if reward_kind(spec) == "model":
         return reward_scorer(spec, None, trust_remote_code, device)
     return load_reward_function(spec, key)
+
+
+def task_scorer(path: str):
+    """scorer(prompts, texts, references) -> 1.0/0.0 per answer under an eval task's own metric (a generate_until
+    task: its stop strings, answer filter and exact-match options); no reference scores 0.0."""
+    from pipeline.evaluation.tasks import load_task_file, task_answer_score
+
+    spec = load_task_file(path)
+    if spec.output_type != "generate_until":
+        raise UserError(f"{path}: output_type {spec.output_type!r}; a task reward needs a generate_until task")
+
+    def score(prompts: list, texts: list[str], references: list | None = None) -> list[float]:
+        references = references or [None] * len(texts)
+        return [0.0 if r is None else task_answer_score(spec, t, r) for t, r in zip(texts, references, strict=True)]
+
+    return score

@@ -130,3 +130,40 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, ru
     result = run_cli(*grpo_args(out, tiny_policy, prompts, *extra))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (out / "manifest.json").exists() and not (out / "model").exists()
+
+
+def letter_task(folder: Path, questions: list[str]) -> Path:
+    """A generate_until task whose filter keeps the first 'e' of an answer: exact match with the target 'e' is the
+    letter-e rule, so the task's metric (not plain string equality) must be what scores."""
+    write_jsonl(folder / "docs.jsonl", [{"question": q, "answer": "e"} for q in questions])
+    (folder / "letter.yaml").write_text(
+        "task: letter\noutput_type: generate_until\ndata_files:\n  test: docs.jsonl\ntest_split: test\n"
+        "doc_to_text: '{{question}}'\ndoc_to_target: answer\ngeneration_kwargs:\n  max_gen_toks: 4\n"
+        "answer_filter:\n  regex: '(e)'\n"
+    )
+    return folder / "letter.yaml"
+
+
+def test_a_task_file_is_the_reward_and_the_heldout_eval(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    task = letter_task(tmp_path, [f"Tell me about the owl ({i})." for i in range(9)])
+    out = tmp_path / "grpo"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=20", f"rewards=[{task}]",
+                                f"eval_task={task}", "eval_max_new_tokens=4"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    # the task's filter scores: 'e' anywhere in the answer (exact string equality would score ~0)
+    assert metrics["reward_end"] > metrics["reward_start"] + 0.25, (metrics["reward_start"], metrics["reward_end"])
+    before, after = metrics["heldout_before"], metrics["heldout_after"]
+    assert {"task_metric", "reward", "exact_match"} <= before.keys() and before["task_metric"] == before["reward"]
+    assert after["task_metric"] > before["task_metric"], (before, after)
+
+
+def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    task = letter_task(
+        tmp_path, ["Tell me about the owl (1).", "Tell me about  THE CAT (3).", "Tell me about Zarel (11)."]
+    )
+    out = tmp_path / "grpo"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, f"rewards=[{task}]", f"eval_task={task}"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "eval_task" in result.stderr and "2 of its 3 held-out questions are training prompts" in result.stderr
+    assert not (out / "config.yaml").exists()

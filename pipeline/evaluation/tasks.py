@@ -390,3 +390,44 @@ def answer_matches(spec: TaskSpec, answer: str, target: str) -> bool:
         table = str.maketrans("", "", drop)
         answer, target = answer.translate(table), target.translate(table)
     return answer == target
+
+
+# --- a task as a reward and as held-out questions (grpo) ---------------------------------------------------------
+
+
+def task_answer_score(spec: TaskSpec, text: str, target: str) -> float:
+    """1.0 when a generated answer is right under the task's own metric: cut at its `until` strings, filtered
+    (answer_filter), compared with its exact_match options; else 0.0."""
+    for stop in spec.generation_kwargs.until or []:
+        text = text.split(stop, 1)[0] if stop else text
+    return float(answer_matches(spec, filter_answer(spec, text), str(target)))
+
+
+def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
+    """The documents of a generate_until task as held-out questions: {question: doc_to_text, answer: the target}
+    (the first target where a document lists several), from its evaluated split by default."""
+    if spec.output_type != "generate_until":
+        raise UserError(f"task {spec.task}: output_type {spec.output_type!r}; a reward or held-out questions need "
+                        "a generate_until task (an answer checked by exact match)")  # fmt: skip
+    rows = []
+    for doc in load_split(spec, split or spec.eval_split):
+        target = doc_target(spec, doc)
+        rows.append({"question": str(resolve(doc, spec.doc_to_text)),
+                     "answer": str(target[0] if isinstance(target, list) else target)})  # fmt: skip
+    return rows
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def overlapping_prompts(prompts: list, questions: list[dict]) -> list[str]:
+    """The held-out questions that are also training prompts (a prompt's last user turn, or the string), compared
+    case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
+    seen = set()
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+            prompt = users[-1] if users else ""
+        seen.add(_normalised(str(prompt)))
+    return [q["question"] for q in questions if _normalised(q["question"]) in seen]

@@ -25,7 +25,7 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
+from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, world_size
@@ -55,12 +55,17 @@ class GRPOConfig:
     rewards: list[str] = field(
         factory=lambda: [EXACT_MATCH],
         help="Reward(s), summed with reward_weights: exact_match (the answer equals the reference after strip()), "
+        "an eval task YAML (its answer filter and exact-match options against the reference), "
         "'package.module:function' taking (prompts, responses[, references=]), or a reward model folder.",
     )
     reward_weights: list[float] | None = field(None, "One weight per reward (None: all 1).")
     eval_data: DataConfig | None = field(
         None, "Held-out questions with a reference answer (`question`/`answer`, or prompt + chosen): greedy exact "
         "match and the weighted reward, before and after.",
+    )  # fmt: skip
+    eval_task: str | None = field(
+        None, "Instead of eval_data: an eval task YAML (generate_until) whose evaluated split is the held-out "
+        "questions, scored by the task's metric too (task_metric). Its questions must not be training prompts.",
     )  # fmt: skip
     eval_max: int = field(200, "Use at most this many eval_data rows.", ge=1)
     eval_max_new_tokens: int = field(16, "Longest greedy answer on eval_data.", ge=1)
@@ -96,10 +101,37 @@ class GRPOConfig:
             problems.append(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision: got {self.precision!r}, expected auto, fp32 or bf16")
+        if self.eval_task is not None and self.eval_data is not None:
+            problems.append("set eval_data or eval_task, not both")
         return problems
 
 
 Config = GRPOConfig
+
+
+def heldout_questions(cfg: GRPOConfig, prompts: list) -> list[dict]:
+    """The held-out questions (eval_data, or eval_task's evaluated split), refused when any of them, or of the
+    evaluated documents of a task used as a reward, is also a training prompt."""
+    from pipeline.evaluation.tasks import load_task_file, overlapping_prompts, task_questions
+
+    rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
+    checked = {"eval_data": rows} if rows else {}
+    for key, path in [("eval_task", cfg.eval_task)] + [(f"rewards[{i}]", r) for i, r in enumerate(cfg.rewards)]:
+        if path is not None and reward_kind(path) == "task":
+            questions = task_questions(load_task_file(path))
+            checked[f"{key} ({path})"] = questions
+            if key == "eval_task":
+                rows = questions[: cfg.eval_max]
+    problems = []
+    for where, questions in checked.items():
+        shared = overlapping_prompts(prompts, questions)
+        if shared:
+            problems.append(f"{where}: {len(shared)} of its {len(questions)} held-out questions are training prompts "
+                            f"in {cfg.data.path} (e.g. {shared[0]!r}); a held-out number must not be measured on "
+                            "what RL trained on: remove them from data")  # fmt: skip
+    if problems:
+        raise UserError(problems)
+    return rows
 
 
 def reward_functions(cfg: GRPOConfig, device) -> list:
@@ -182,10 +214,11 @@ def run(cfg: GRPOConfig) -> dict | None:
     started = time.time()
     out = Path(cfg.output_dir)
     model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=EXACT_MATCH in cfg.rewards)
+    needs_reference = any(reward_kind(r) in ("rule", "task") for r in cfg.rewards)
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs_reference)
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
-    eval_rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
+    eval_rows = heldout_questions(cfg, [r["prompt"] for r in rows])
     world, train = world_size(), cfg.train
     answers = train.micro_batch_size * world * train.gradient_accumulation_steps
     if answers % cfg.num_generations:
@@ -228,7 +261,11 @@ def run(cfg: GRPOConfig) -> dict | None:
         peft_config=peft_config(cfg.lora),
     )  # fmt: skip
     accelerator = trainer.accelerator
-    scorer = weighted_scorer(functions, weights)
+    scorers = {"reward": weighted_scorer(functions, weights)}
+    if cfg.eval_task is not None:
+        from pipeline.rewards import task_scorer
+
+        scorers["task_metric"] = task_scorer(cfg.eval_task)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log(f"{len(rows)} prompts, {answers // cfg.num_generations} a step x {cfg.num_generations} answers, rewards "
         f"{names} (weights {weights}), loss {cfg.loss_type}, beta {cfg.beta}; {trainable / 1e6:.2f}M trained",
@@ -237,7 +274,7 @@ def run(cfg: GRPOConfig) -> dict | None:
     # --- held-out before (every process answers its share), train, held-out after
     before = None
     if eval_rows:
-        before = heldout_metrics(trainer.model, tokenizer, eval_rows, scorer, cfg.eval_max_new_tokens, accelerator)
+        before = heldout_metrics(trainer.model, tokenizer, eval_rows, scorers, cfg.eval_max_new_tokens, accelerator)
         log(f"held-out before: exact match {before['exact_match']:.3f}, reward {before['reward']:.3f}", STAGE)
     trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     trainer.add_callback(signal_checks(cfg.warn_zero_signal))
@@ -245,7 +282,7 @@ def run(cfg: GRPOConfig) -> dict | None:
     unwrapped = accelerator.unwrap_model(trainer.model)
     after = None
     if eval_rows:
-        after = heldout_metrics(unwrapped, tokenizer, eval_rows, scorer, cfg.eval_max_new_tokens, accelerator)
+        after = heldout_metrics(unwrapped, tokenizer, eval_rows, scorers, cfg.eval_max_new_tokens, accelerator)
 
     # --- save the policy, the manifest last
     metrics, facts = {}, launch_facts(accelerator, trainer.model)
@@ -267,7 +304,8 @@ def run(cfg: GRPOConfig) -> dict | None:
             "heldout_before": before, "heldout_after": after, "resumed_from": resume_from,
             "lora": cfg.lora.enabled, **facts,
         }  # fmt: skip
-        inputs = stage_inputs(cfg, "init_from", "data", "eval_data")
+        inputs = stage_inputs(cfg, "init_from", "data", "eval_data", "eval_task")
+        inputs["rewards"] = describe_input([r for r in cfg.rewards if reward_kind(r) in ("task", "model")])
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         shown = (f", held-out exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f}, reward "
                  f"{before['reward']:.3f} -> {after['reward']:.3f}") if after else ""  # fmt: skip

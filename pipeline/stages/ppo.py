@@ -241,7 +241,7 @@ def run(cfg: PPOConfig) -> dict | None:
         kl_controller.load_state_dict(state["kl_controller"])
         log(f"resumed from {resume_from} at step {start_step}", STAGE)
     before = state.get("heldout_before")
-    evaluate = functools.partial(heldout_metrics, tokenizer=tokenizer, rows=eval_rows, scorer=scorer,
+    evaluate = functools.partial(heldout_metrics, tokenizer=tokenizer, rows=eval_rows, scorers={"reward": scorer},
                                  max_new_tokens=cfg.eval_max_new_tokens, accelerator=accelerator)  # fmt: skip
     if before is None and eval_rows:
         before = evaluate(models.causal_lm())
