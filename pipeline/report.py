@@ -7,7 +7,7 @@ Reads every stage folder under RUN_DIR (manifest.json, metrics.jsonl) and RUN_DI
 - report.md: a table of stages (status, wall time, tokens/s, headline metric before -> after), the eval results of
   every eval stage side by side, the run's versions and git commit;
 - training_curves.png: loss per training stage (train and held-out), reward accuracy, PPO reward and KL;
-- eval.png: each eval stage's task metrics as grouped bars (pretrain vs sft vs dpo vs ppo);
+- eval.png: each eval stage's task metrics as grouped bars (pretrain vs sft vs dpo vs ppo vs grpo);
 - stage_metrics.png: each training stage's headline metric before and after it.
 Unfinished stages are listed as such; nothing here trains or loads a model.
 """
@@ -33,6 +33,9 @@ HEADLINES = {
     "ppo": [("heldout_before.exact_match", "heldout_after.exact_match", "held-out exact match", True),
             ("heldout_before.reward", "heldout_after.reward", "held-out reward-model score", True),
             ("reward_start", "reward_end", "rollout reward (first -> last fifth)", True)],
+    "grpo": [("heldout_before.exact_match", "heldout_after.exact_match", "held-out exact match", True),
+             ("heldout_before.task_metric", "heldout_after.task_metric", "held-out task metric", True),
+             ("reward_start", "reward_end", "rollout reward (first -> last fifth)", True)],
 }  # fmt: skip
 # metrics.jsonl series to plot per stage kind: (key, label)
 CURVES = {
@@ -41,6 +44,7 @@ CURVES = {
     "reward": [("loss", "train loss"), ("eval_loss", "held-out loss"), ("eval_accuracy", "held-out accuracy")],
     "dpo": [("loss", "train loss"), ("eval_loss", "held-out loss"), ("rewards/accuracies", "implicit-reward acc.")],
     "ppo": [("reward", "reward"), ("kl", "KL to reference")],
+    "grpo": [("reward", "reward"), ("frac_reward_zero_std", "groups without signal"), ("kl", "KL to reference")],
 }
 
 
@@ -249,6 +253,11 @@ def build_report(run_dir: str | Path) -> Path:
             m = stage["manifest"]["metrics"]
             lines.append(f"\n{stage['name']}: KL to the reference at the end {_fmt(m.get('kl_end'))} nats "
                          f"(highest seen {_fmt(m.get('kl_max_seen'))}).")  # fmt: skip
+        for stage in (s for s in stages if s["kind"] == "grpo" and s["manifest"]):
+            m = stage["manifest"]["metrics"]
+            lines.append(f"\n{stage['name']}: {_fmt(m.get('zero_signal_share_mean'))} of prompt groups had equal "
+                         f"rewards (no signal; last fifth {_fmt(m.get('zero_signal_share_end'))}), "
+                         f"{_fmt(m.get('truncated_share_mean'))} of answers were cut at max_new_tokens.")  # fmt: skip
         for stage in (s for s in stages if s["kind"] == "pairs" and s["manifest"]):
             m = stage["manifest"]["metrics"]
             lines.append(f"\n{stage['name']}: {m.get('samples')} sampled answers to {m.get('prompts')} prompts, "

@@ -167,3 +167,31 @@ def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_
     assert result.returncode == 2, result.stderr[-2000:]
     assert "eval_task" in result.stderr and "2 of its 3 held-out questions are training prompts" in result.stderr
     assert not (out / "config.yaml").exists()
+
+
+def test_a_reward_model_scores_as_its_trainer_rendered(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+    """A reward-model folder as one reward beside a rule, weighted: each logged score is score_pairs' on that
+    prompt and answer (chat template, as trl's RewardTrainer tokenized the pairs), not trl's own rendering."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.rewards import score_pairs
+
+    torch.manual_seed(0)
+    scorer = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
+    scorer.save_pretrained(tmp_path / "rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.save_pretrained(tmp_path / "rm")
+    out = tmp_path / "grpo"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=2",
+                                f"rewards=[ppo_rewards:contains_letter_e, {tmp_path / 'rm'}]",
+                                "reward_weights=[1.0, 0.5]"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = completions(out)
+    assert set(rows[0]["rewards"]) == {"ppo_rewards:contains_letter_e", "reward_model_1"}
+    sample = rows[:6]
+    expected = score_pairs(scorer.eval(), tokenizer, [r["prompt"] for r in sample],
+                           [[{"role": "assistant", "content": r["completion"]}] for r in sample])  # fmt: skip
+    got = [r["rewards"]["reward_model_1"] for r in sample]
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4, (got, expected)
+    assert len({round(g, 6) for g in got}) > 1

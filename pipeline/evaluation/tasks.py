@@ -417,17 +417,16 @@ def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
     return rows
 
 
-def _normalised(text: str) -> str:
-    return " ".join(text.split()).casefold()
+def _normalised(prompt) -> str:
+    """A prompt as comparable text: a message list's last user turn (or a string), case and spacing folded."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    return " ".join(str(prompt).split()).casefold()
 
 
-def overlapping_prompts(prompts: list, questions: list[dict]) -> list[str]:
-    """The held-out questions that are also training prompts (a prompt's last user turn, or the string), compared
-    case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
-    seen = set()
-    for prompt in prompts:
-        if isinstance(prompt, list):
-            users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-            prompt = users[-1] if users else ""
-        seen.add(_normalised(str(prompt)))
+def overlapping_prompts(prompts: list, questions: list[dict]) -> list:
+    """The held-out questions (strings or message lists) that are also training prompts, compared by their last
+    user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
+    seen = {_normalised(p) for p in prompts}
     return [q["question"] for q in questions if _normalised(q["question"]) in seen]
