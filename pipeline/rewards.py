@@ -150,7 +150,8 @@ def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=Non
 def task_scorer(path: str):
     """scorer(prompts, texts, references) -> 1.0/0.0 per answer under an eval task's own metric (a generate_until
     task: its stop strings, answer filter and exact-match options); no reference scores 0.0."""
-    from pipeline.evaluation.tasks import load_task_file, task_answer_score
+    from pipeline.evaluation.task_rewards import task_answer_score
+    from pipeline.evaluation.tasks import load_task_file
 
     spec = load_task_file(path)
     if spec.output_type != "generate_until":

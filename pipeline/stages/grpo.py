@@ -112,7 +112,8 @@ Config = GRPOConfig
 def heldout_questions(cfg: GRPOConfig, prompts: list) -> list[dict]:
     """The held-out questions (eval_data, or eval_task's evaluated split), refused when any of them, or of the
     evaluated documents of a task used as a reward, is also a training prompt."""
-    from pipeline.evaluation.tasks import load_task_file, overlapping_prompts, task_questions
+    from pipeline.evaluation.task_rewards import overlapping_prompts, task_questions
+    from pipeline.evaluation.tasks import load_task_file
 
     rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
     checked = {"eval_data": rows} if rows else {}

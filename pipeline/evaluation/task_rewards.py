@@ -1,0 +1,44 @@
+"""An eval task as an RL reward and as held-out questions (grpo): its metric on one answer, its evaluated documents
+as question/answer rows, and the check that no held-out question is a training prompt."""
+
+from __future__ import annotations
+
+from pipeline.config import UserError
+from pipeline.evaluation.tasks import TaskSpec, answer_matches, doc_target, filter_answer, load_split, resolve
+
+
+def task_answer_score(spec: TaskSpec, text: str, target: str) -> float:
+    """1.0 when a generated answer is right under the task's own metric: cut at its `until` strings, filtered
+    (answer_filter), compared with its exact_match options; else 0.0."""
+    for stop in spec.generation_kwargs.until or []:
+        text = text.split(stop, 1)[0] if stop else text
+    return float(answer_matches(spec, filter_answer(spec, text), str(target)))
+
+
+def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
+    """The documents of a generate_until task as held-out questions: {question: doc_to_text, answer: the target}
+    (the first target where a document lists several), from its evaluated split by default."""
+    if spec.output_type != "generate_until":
+        raise UserError(f"task {spec.task}: output_type {spec.output_type!r}; a reward or held-out questions need "
+                        "a generate_until task (an answer checked by exact match)")  # fmt: skip
+    rows = []
+    for doc in load_split(spec, split or spec.eval_split):
+        target = doc_target(spec, doc)
+        rows.append({"question": str(resolve(doc, spec.doc_to_text)),
+                     "answer": str(target[0] if isinstance(target, list) else target)})  # fmt: skip
+    return rows
+
+
+def _normalised(prompt) -> str:
+    """A prompt as comparable text: a message list's last user turn (or a string), case and spacing folded."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    return " ".join(str(prompt).split()).casefold()
+
+
+def overlapping_prompts(prompts: list, questions: list[dict]) -> list:
+    """The held-out questions (strings or message lists) that are also training prompts, compared by their last
+    user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
+    seen = {_normalised(p) for p in prompts}
+    return [q["question"] for q in questions if _normalised(q["question"]) in seen]
