@@ -35,7 +35,7 @@ show() { # print a command line the way a shell would read it back
 usage() {
     cat >&2 <<'EOF'
 usage: launch/run.sh STAGE CONFIG [LAUNCH_CONFIG] [key=value ...]
-  STAGE          tokenizer | pretrain | sft | reward | dpo | ppo | eval
+  STAGE          tokenizer | pretrain | sft | pairs | reward | dpo | ppo | grpo | eval
   CONFIG         the stage's YAML config, e.g. configs/tiny/pretrain.yaml
   LAUNCH_CONFIG  optional accelerate config from launch/accelerate/ (e.g. launch/accelerate/cpu_2proc.yaml);
                  without it the stage runs as one plain process

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (the fixtures imported from test_ppo are parameters of every test)
 """The GRPO stage (trl's GRPOTrainer) through its real entry point on a tiny Llama with rule rewards: the reward
 rises, LoRA, resume, two processes, the silent-failure metrics, bad input."""
 
@@ -40,7 +41,7 @@ def completions(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
 
 
-def test_rule_reward_rises_and_the_signal_is_logged(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_rule_reward_rises_and_the_signal_is_logged(tmp_path, tiny_policy, prompts, rule_reward_path):
     out = tmp_path / "grpo"
     result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=20"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,7 +60,7 @@ def test_rule_reward_rises_and_the_signal_is_logged(tmp_path, tiny_policy, promp
     AutoModelForCausalLM.from_pretrained(out / "model")
 
 
-def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_reward_path):
     """Stopped after step 4 (its checkpoint) and rerun with max_steps=6: the run has 6 steps, steps 5-6 sample the
     prompts the unbroken run samples, and no prompt comes twice within the epoch (12 steps of 8 prompts)."""
     unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
@@ -79,7 +80,7 @@ def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_rewa
     assert [r["step"] for r in history(resumed) if "reward" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_lora_with_a_kl_to_the_adapters_off_reference(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_lora_with_a_kl_to_the_adapters_off_reference(tmp_path, tiny_policy, prompts, rule_reward_path):
     """LoRA trains the adapters only, the reference is the policy with them off (KL 0 at step 1, then > 0), and
     the saved model has them merged. (A random 2-layer model's logits are too flat for LoRA alone to move this
     reward within a test; the full-weight test shows the learning.)"""
@@ -101,7 +102,7 @@ def test_lora_with_a_kl_to_the_adapters_off_reference(tmp_path, tiny_policy, pro
     assert changed and all("proj" in k for k in changed), changed  # adapted linear layers only: not norms, embeddings
 
 
-def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy, prompts, rule_reward_path):
     questions = write_jsonl(tmp_path / "heldout.jsonl", [{"question": f"Tell me about the owl ({i}).", "answer": "e"}
                                                          for i in range(7)])  # fmt: skip
     out = tmp_path / "two"
@@ -125,7 +126,7 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
         (["rewards=[exact_match, ppo_rewards:contains_letter_e]", "reward_weights=[1.0]"], "2 rewards"),
     ],
 )
-def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, rule_reward_path, extra, message):  # noqa: F811
+def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, rule_reward_path, extra, message):
     out = tmp_path / "bad"
     result = run_cli(*grpo_args(out, tiny_policy, prompts, *extra))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
@@ -144,7 +145,7 @@ def letter_task(folder: Path, questions: list[str]) -> Path:
     return folder / "letter.yaml"
 
 
-def test_a_task_file_is_the_reward_and_the_heldout_eval(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_a_task_file_is_the_reward_and_the_heldout_eval(tmp_path, tiny_policy, prompts, rule_reward_path):
     task = letter_task(tmp_path, [f"Tell me about the owl ({i})." for i in range(9)])
     out = tmp_path / "grpo"
     result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=20", f"rewards=[{task}]",
@@ -158,7 +159,7 @@ def test_a_task_file_is_the_reward_and_the_heldout_eval(tmp_path, tiny_policy, p
     assert after["task_metric"] > before["task_metric"], (before, after)
 
 
-def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_policy, prompts, rule_reward_path):
     task = letter_task(
         tmp_path, ["Tell me about the owl (1).", "Tell me about  THE CAT (3).", "Tell me about Zarel (11)."]
     )
@@ -169,7 +170,7 @@ def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_
     assert not (out / "config.yaml").exists()
 
 
-def test_a_reward_model_scores_as_its_trainer_rendered(tmp_path, tiny_policy, prompts, rule_reward_path):  # noqa: F811
+def test_a_reward_model_scores_as_its_trainer_rendered(tmp_path, tiny_policy, prompts, rule_reward_path):
     """A reward-model folder as one reward beside a rule, weighted: each logged score is score_pairs' on that
     prompt and answer (chat template, as trl's RewardTrainer tokenized the pairs), not trl's own rendering."""
     import torch
@@ -195,3 +196,24 @@ def test_a_reward_model_scores_as_its_trainer_rendered(tmp_path, tiny_policy, pr
     got = [r["rewards"]["reward_model_1"] for r in sample]
     assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4, (got, expected)
     assert len({round(g, 6) for g in got}) > 1
+
+
+def test_the_models_own_generation_settings_do_not_change_the_sampling(
+    tmp_path, tiny_policy, prompts, rule_reward_path
+):
+    """A model whose generation_config suppresses every token with an 'e' (as a hub model's suppress_tokens,
+    repetition_penalty or top_k would change the distribution): the rollouts still sample them."""
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy, policy)
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    with_e = [i for token, i in tokenizer.get_vocab().items() if "e" in tokenizer.convert_tokens_to_string([token])]
+    GenerationConfig(do_sample=True, suppress_tokens=with_e, repetition_penalty=5.0, top_k=3).save_pretrained(policy)
+    out = tmp_path / "grpo"
+    result = run_cli(*grpo_args(out, policy, prompts, "train.max_steps=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = next(r for r in history(out) if "reward" in r)
+    assert first["reward"] > 0.2, first  # ~0.4 for this random model; 0 if the suppression applied
