@@ -2,6 +2,7 @@
 
     python bench/smollm2_recipe.py                     # seeds 0 1 2: three full runs (~20 min each on 2 cores)
     python bench/smollm2_recipe.py --seeds 0 --report  # just read finished runs, run nothing new
+    python bench/smollm2_recipe.py --grpo              # also grpo from the dpo model (configs/smollm2-135m/grpo.yaml)
 
 Seed s runs configs/smollm2-135m/pipeline.yaml as `smollm2-135m-s<s>` with every seed key set to s (sft, dpo
 and ppo `train.seed`: data order and new adapter weights; pairs `seed`: its samples); seed 0 is the recipe as
@@ -24,12 +25,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "configs/smollm2-135m/pipeline.yaml"
-SEED_KEYS = {"sft": "train.seed", "pairs": "seed", "dpo": "train.seed", "ppo": "train.seed"}
+SEED_KEYS = {"sft": "train.seed", "pairs": "seed", "dpo": "train.seed", "ppo": "train.seed", "grpo": "train.seed"}
+# what each eval stage is compared with: the stage its model started from
+PREVIOUS = {"eval_sft": "eval_base", "eval_dpo": "eval_sft", "eval_ppo": "eval_dpo", "eval_grpo": "eval_dpo"}
 METRICS = [("chat_arithmetic", "exact_match"), ("general_knowledge", "acc")]
 
 
-def seeded_pipeline(seed: int, runs_dir: Path) -> Path:
+def seeded_pipeline(seed: int, runs_dir: Path, grpo: bool = False) -> Path:
     spec = yaml.safe_load(PIPELINE.read_text())
+    if grpo:  # the critic-free RL stage of trl beside ppo, from the same dpo model
+        spec["stages"] += [
+            {"name": "grpo", "config": "configs/smollm2-135m/grpo.yaml", "set": {"init_from": "stage:dpo"}},
+            {"name": "eval_grpo", "stage": "eval", "config": "configs/smollm2-135m/eval.yaml",
+             "set": {"model": "stage:grpo"}},
+        ]  # fmt: skip
     spec["name"] = f"smollm2-135m-s{seed}"
     spec["runs_dir"] = str(runs_dir)
     for stage in spec["stages"]:
@@ -69,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     parser.add_argument("--report", action="store_true", help="only read finished runs")
+    parser.add_argument("--grpo", action="store_true", help="add grpo + eval_grpo after eval_ppo")
     args = parser.parse_args(argv)
     runs = {}
     for seed in args.seeds:
-        pipeline = seeded_pipeline(seed, args.runs_dir)
+        pipeline = seeded_pipeline(seed, args.runs_dir, args.grpo)
         runs[seed] = args.runs_dir / f"smollm2-135m-s{seed}"
         if not args.report:
             started = time.time()
@@ -81,19 +91,24 @@ def main(argv: list[str] | None = None) -> int:
             if done.returncode:
                 return done.returncode
     evals = {seed: read_evals(run) for seed, run in runs.items()}
-    stages = [s for s in ("eval_base", "eval_sft", "eval_dpo", "eval_ppo") if all(s in e for e in evals.values())]
+    order = ("eval_base", "eval_sft", "eval_dpo", "eval_ppo", "eval_grpo")
+    stages = [s for s in order if all(s in e for e in evals.values())]
     seeds = " | ".join(f"seed {s}" for s in runs)
-    print(f"\n| stage | metric (%) | {seeds} | mean ± sd | vs previous | vs base |")
-    print("|---|---|" + "---|" * len(runs) + "---|---|---|")
+    print(f"\n| stage | metric (%) | {seeds} | mean ± sd | vs the stage it started from | vs sft | vs base |")
+    print("|---|---|" + "---|" * len(runs) + "---|---|---|---|")
+
+    def change(stage: str, other: str | None, key: str) -> str:
+        if other is None or stage in (other, "eval_base") or other not in stages:
+            return "-"
+        return fmt([evals[s][stage][key] - evals[s][other][key] for s in runs])
+
     for key in (f"{t}.{m}" for t, m in METRICS):
-        for index, stage in enumerate(stages):
+        for stage in stages:
             values = [evals[s][stage][key] for s in runs]
-            previous = [evals[s][stages[index - 1]][key] for s in runs] if index else None
-            base = [evals[s][stages[0]][key] for s in runs]
-            delta = fmt([v - p for v, p in zip(values, previous, strict=True)]) if previous else "-"
-            total = fmt([v - b for v, b in zip(values, base, strict=True)]) if index else "-"
             cells = " | ".join(f"{100 * v:.1f}" for v in values)
-            print(f"| {stage.removeprefix('eval_')} | {key} | {cells} | {fmt(values)} | {delta} | {total} |")
+            deltas = [change(stage, PREVIOUS.get(stage), key), change(stage, "eval_sft", key),
+                      change(stage, "eval_base", key)]  # fmt: skip
+            print(f"| {stage.removeprefix('eval_')} | {key} | {cells} | {fmt(values)} | {' | '.join(deltas)} |")
     times = [wall_time(run) for run in runs.values()]
     if all(times):
         print(f"\nwall time per run (sum of stages): {', '.join(f'{t / 60:.1f} min' for t in times)}")

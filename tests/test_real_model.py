@@ -98,6 +98,12 @@ def test_every_stage_runs_on_smollm2_from_its_gguf_file(tmp_path, smollm2, data)
                 "train.rollout_batch_size=4", "train.micro_batch_size=2", "train.num_minibatches=1",
                 "train.ppo_epochs=1", "checkpoint_every=2", timeout=TIMEOUT))  # fmt: skip
     assert _metrics(ppo)["heldout_after"]["exact_match"] is not None
+    grpo = tmp_path / "grpo"  # trl's GRPOTrainer with SmolLM2's ChatML, pad == EOS, a rule and a reward model
+    _ok(run_cli("grpo", "--config", str(REPO / "configs/tiny/grpo.yaml"), f"output_dir={grpo}", f"init_from={sft}",
+                f"data.path={data['pairs']}", f"rewards=[exact_match, {reward}]", "eval_data=null",
+                "num_generations=2", "max_new_tokens=6", "train.max_steps=2", "train.micro_batch_size=4",
+                "lora.enabled=true", "lora.r=4", "beta=0.05", timeout=TIMEOUT))  # fmt: skip
+    assert _metrics(grpo)["steps"] == 2 and {"exact_match", "reward_model_1"} == set(_metrics(grpo)["rewards_end"])
     evaluation = tmp_path / "eval"
     _ok(run_cli("eval", "--config", str(REPO / "configs/tiny/eval.yaml"), f"output_dir={evaluation}",
                 f"model={smollm2}", "limit=8", "num_fewshot=0", timeout=TIMEOUT))  # fmt: skip

@@ -186,7 +186,8 @@ def signal_checks(threshold: float):
     from transformers import TrainerCallback
 
     class SignalChecks(TrainerCallback):
-        warned: set = set()
+        def __init__(self):
+            self.warned: set[str] = set()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
