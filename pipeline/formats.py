@@ -176,3 +176,18 @@ def _final_reply(chosen) -> str:
         return chosen
     replies = [m.get("content") for m in chosen if isinstance(m, dict) and m.get("role") == "assistant"]
     return replies[-1] if replies and isinstance(replies[-1], str) else ""
+
+
+def _normalised(prompt) -> str:
+    """A prompt as comparable text: a message list's last user turn (or a string), case and spacing folded."""
+    if isinstance(prompt, list):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        prompt = users[-1] if users else ""
+    return " ".join(str(prompt).split()).casefold()
+
+
+def overlapping_prompts(prompts: list, questions: list[dict]) -> list:
+    """The held-out questions (strings or message lists) that are also training prompts, compared by their last
+    user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
+    seen = {_normalised(p) for p in prompts}
+    return [q["question"] for q in questions if _normalised(q["question"]) in seen]

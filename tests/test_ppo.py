@@ -621,3 +621,14 @@ def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, p
     no_prompt = run_cli(*ppo_args(out, tiny_policy, bad, "reward_function=math:fsum"))
     assert no_prompt.returncode == 2 and "no `prompt` or `messages` column" in no_prompt.stderr
     assert not out.exists()
+
+
+def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """An eval_data question asked in training (case and spacing aside) stops the run before any compute."""
+    rows = [{"question": "Tell me about the owl (1).", "answer": "e"}, {"question": "tell me about the  cat (3).",
+                                                                       "answer": "e"}]  # fmt: skip
+    questions = write_jsonl(tmp_path / "heldout.jsonl", rows)
+    out = tmp_path / "ppo"
+    result = run_cli(*ppo_args(out, tiny_policy, prompts, f"eval_data.path={questions}"))
+    assert result.returncode == 2 and "1 of its 2 held-out questions are training prompts" in result.stderr
+    assert not (out / "config.yaml").exists()

@@ -40,6 +40,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
         "chats": write_jsonl(folder / "chats.jsonl", chats),
         "pairs": write_jsonl(folder / "pairs.jsonl", pairs),
         "prompts": write_jsonl(folder / "prompts.jsonl", prompts),
+        "heldout": write_jsonl(folder / "heldout.jsonl", pairs[40:]),  # questions no prompt above asks
     }
 
 
@@ -94,7 +95,7 @@ def test_every_stage_runs_on_smollm2_from_its_gguf_file(tmp_path, smollm2, data)
     ppo = tmp_path / "ppo"
     _ok(run_cli("ppo", "--config", str(REPO / "configs/tiny/ppo.yaml"), f"output_dir={ppo}", f"init_from={sft}",
                 f"reward_model={reward}", "value_model=none", f"data.path={data['prompts']}",
-                f"eval_data.path={data['pairs']}", "eval_max=4", "rollout.max_new_tokens=6", "train.steps=2",
+                f"eval_data.path={data['heldout']}", "eval_max=4", "rollout.max_new_tokens=6", "train.steps=2",
                 "train.rollout_batch_size=4", "train.micro_batch_size=2", "train.num_minibatches=1",
                 "train.ppo_epochs=1", "checkpoint_every=2", timeout=TIMEOUT))  # fmt: skip
     assert _metrics(ppo)["heldout_after"]["exact_match"] is not None

@@ -1,5 +1,5 @@
 """An eval task as an RL reward and as held-out questions (grpo): its metric on one answer, its evaluated documents
-as question/answer rows, and the check that no held-out question is a training prompt."""
+as question/answer rows."""
 
 from __future__ import annotations
 
@@ -27,18 +27,3 @@ def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
         rows.append({"question": str(resolve(doc, spec.doc_to_text)),
                      "answer": str(target[0] if isinstance(target, list) else target)})  # fmt: skip
     return rows
-
-
-def _normalised(prompt) -> str:
-    """A prompt as comparable text: a message list's last user turn (or a string), case and spacing folded."""
-    if isinstance(prompt, list):
-        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-        prompt = users[-1] if users else ""
-    return " ".join(str(prompt).split()).casefold()
-
-
-def overlapping_prompts(prompts: list, questions: list[dict]) -> list:
-    """The held-out questions (strings or message lists) that are also training prompts, compared by their last
-    user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
-    seen = {_normalised(p) for p in prompts}
-    return [q["question"] for q in questions if _normalised(q["question"]) in seen]

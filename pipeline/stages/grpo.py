@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_ma
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, world_size
-from pipeline.formats import load_prompt_rows, load_reference_answers
+from pipeline.formats import load_prompt_rows, load_reference_answers, overlapping_prompts
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config, save_model
 from pipeline.rewards import EXACT_MATCH, load_scorer, reward_kind
@@ -112,7 +112,7 @@ Config = GRPOConfig
 def heldout_questions(cfg: GRPOConfig, prompts: list) -> list[dict]:
     """The held-out questions (eval_data, or eval_task's evaluated split), refused when any of them, or of the
     evaluated documents of a task used as a reward, is also a training prompt."""
-    from pipeline.evaluation.task_rewards import overlapping_prompts, task_questions
+    from pipeline.evaluation.task_rewards import task_questions
     from pipeline.evaluation.tasks import load_task_file
 
     rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
