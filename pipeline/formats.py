@@ -186,8 +186,14 @@ def _normalised(prompt) -> str:
     return " ".join(str(prompt).split()).casefold()
 
 
-def overlapping_prompts(prompts: list, questions: list[dict]) -> list:
-    """The held-out questions (strings or message lists) that are also training prompts, compared by their last
-    user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training number."""
+def overlap_problem(where: str, prompts: list, questions: list[dict], data_path) -> str | None:
+    """The refusal when held-out questions (strings or message lists) are also training prompts, compared by their
+    last user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training
+    number. None when no question is a training prompt."""
     seen = {_normalised(p) for p in prompts}
-    return [q["question"] for q in questions if _normalised(q["question"]) in seen]
+    shared = [q["question"] for q in questions if _normalised(q["question"]) in seen]
+    if not shared:
+        return None
+    return (f"{where}: {len(shared)} of its {len(questions)} held-out questions are training prompts in {data_path} "
+            f"(e.g. {shared[0]!r}); a held-out number must not be measured on what RL trained on: remove them from "
+            "the training data or the held-out set")  # fmt: skip

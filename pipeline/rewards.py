@@ -150,12 +150,9 @@ def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=Non
 def task_scorer(path: str):
     """scorer(prompts, texts, references) -> 1.0/0.0 per answer under an eval task's own metric (a generate_until
     task: its stop strings, answer filter and exact-match options); no reference scores 0.0."""
-    from pipeline.evaluation.task_rewards import task_answer_score
-    from pipeline.evaluation.tasks import load_task_file
+    from pipeline.evaluation.task_rewards import load_generation_task, task_answer_score
 
-    spec = load_task_file(path)
-    if spec.output_type != "generate_until":
-        raise UserError(f"{path}: output_type {spec.output_type!r}; a task reward needs a generate_until task")
+    spec = load_generation_task(path)
 
     def score(prompts: list, texts: list[str], references: list | None = None) -> list[float]:
         references = references or [None] * len(texts)

@@ -4,7 +4,15 @@ as question/answer rows."""
 from __future__ import annotations
 
 from pipeline.config import UserError
-from pipeline.evaluation.tasks import TaskSpec, answer_matches, doc_target, filter_answer, load_split, resolve
+from pipeline.evaluation.tasks import (
+    TaskSpec,
+    answer_matches,
+    doc_target,
+    filter_answer,
+    load_split,
+    load_task_file,
+    resolve,
+)
 
 
 def task_answer_score(spec: TaskSpec, text: str, target: str) -> float:
@@ -15,12 +23,20 @@ def task_answer_score(spec: TaskSpec, text: str, target: str) -> float:
     return float(answer_matches(spec, filter_answer(spec, text), str(target)))
 
 
-def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
-    """The documents of a generate_until task as held-out questions: {question: doc_to_text, answer: the target}
-    (the first target where a document lists several), from its evaluated split by default."""
+def load_generation_task(path: str) -> TaskSpec:
+    """A task YAML that can score an answer (reward) or ask held-out questions: generate_until, checked by exact
+    match; any other output_type is refused, naming the file."""
+    spec = load_task_file(path)
     if spec.output_type != "generate_until":
-        raise UserError(f"task {spec.task}: output_type {spec.output_type!r}; a reward or held-out questions need "
-                        "a generate_until task (an answer checked by exact match)")  # fmt: skip
+        raise UserError(f"{path}: output_type {spec.output_type!r}; a task reward or held-out questions need a "
+                        "generate_until task (an answer checked by exact match)")  # fmt: skip
+    return spec
+
+
+def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
+    """The documents of a generate_until task (load_generation_task) as held-out questions: {question:
+    doc_to_text, answer: the target} (the first target where a document lists several), from its evaluated split
+    by default."""
     rows = []
     for doc in load_split(spec, split or spec.eval_split):
         target = doc_target(spec, doc)

@@ -29,7 +29,7 @@ from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_ma
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, world_size
-from pipeline.formats import load_prompt_rows, load_reference_answers, overlapping_prompts
+from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config, save_model
 from pipeline.rewards import EXACT_MATCH, load_scorer, reward_kind
@@ -111,53 +111,53 @@ Config = GRPOConfig
 
 def heldout_questions(cfg: GRPOConfig, prompts: list) -> list[dict]:
     """The held-out questions (eval_data, or eval_task's evaluated split), refused when any of them, or of the
-    evaluated documents of a task used as a reward, is also a training prompt."""
-    from pipeline.evaluation.task_rewards import task_questions
-    from pipeline.evaluation.tasks import load_task_file
+    evaluated documents of a task used as a reward, is also a training prompt. Each task file is read once."""
+    from pipeline.evaluation.task_rewards import load_generation_task, task_questions
 
     rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
     checked = {"eval_data": rows} if rows else {}
+    tasks = {}  # path -> its questions
     for key, path in [("eval_task", cfg.eval_task)] + [(f"rewards[{i}]", r) for i, r in enumerate(cfg.rewards)]:
         if path is not None and reward_kind(path) == "task":
-            questions = task_questions(load_task_file(path))
-            checked[f"{key} ({path})"] = questions
+            if path not in tasks:
+                tasks[path] = task_questions(load_generation_task(path))
+                checked[f"{key} ({path})"] = tasks[path]
             if key == "eval_task":
-                rows = questions[: cfg.eval_max]
-    problems = []
-    for where, questions in checked.items():
-        shared = overlapping_prompts(prompts, questions)
-        if shared:
-            problems.append(f"{where}: {len(shared)} of its {len(questions)} held-out questions are training prompts "
-                            f"in {cfg.data.path} (e.g. {shared[0]!r}); a held-out number must not be measured on "
-                            "what RL trained on: remove them from data")  # fmt: skip
-    if problems:
-        raise UserError(problems)
+                rows = tasks[path][: cfg.eval_max]
+    problems = [overlap_problem(where, prompts, questions, cfg.data.path) for where, questions in checked.items()]
+    if any(problems):
+        raise UserError([p for p in problems if p])
     return rows
 
 
-def reward_functions(cfg: GRPOConfig, device) -> list:
-    """The rewards as trl calls them: fn(prompts, completions, reference=..., **columns) -> floats, each named after
-    its config entry (trl logs rewards/<name>/mean and std). Conversational completions are [assistant message]."""
-    functions = []
-    for index, spec in enumerate(cfg.rewards):
-        scorer = load_scorer(spec, f"rewards[{index}]", cfg.trust_remote_code, device)
-
-        def reward(prompts, completions, reference=None, _scorer=scorer, **columns):
-            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return _scorer(prompts, texts, reference)
-
-        reward.__name__ = spec if reward_kind(spec) != "model" else f"reward_model_{index}"
-        functions.append(reward)
-    return functions
+def completion_text(completion) -> str:
+    """The text of one of trl's completions: a string, or the content of its [assistant message]."""
+    return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
-def weighted_scorer(functions: list, weights: list[float]):
+def reward_scorers(cfg: GRPOConfig, device) -> list[tuple[str, object]]:
+    """(name, scorer(prompts, texts, references)) for every reward entry, in order, each loaded (and checked) once;
+    the name is the entry itself, or reward_model_<index> for a model (trl logs rewards/<name>/mean and std)."""
+    return [(spec if reward_kind(spec) != "model" else f"reward_model_{index}",
+             load_scorer(spec, f"rewards[{index}]", cfg.trust_remote_code, device))
+            for index, spec in enumerate(cfg.rewards)]  # fmt: skip
+
+
+def trl_reward(name: str, scorer):
+    """A scorer as trl calls a reward: fn(prompts, completions, reference=..., **columns) -> floats, named."""
+
+    def reward(prompts, completions, reference=None, **columns):
+        return scorer(prompts, [completion_text(c) for c in completions], reference)
+
+    reward.__name__ = name
+    return reward
+
+
+def weighted_scorer(scorers: list, weights: list[float]):
     """scorer(prompts, texts, references) -> the weighted sum of every reward, for the held-out questions."""
 
     def score(prompts: list, texts: list[str], references: list | None = None) -> list[float]:
-        completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                       for p, t in zip(prompts, texts, strict=True)]  # fmt: skip
-        columns = [fn(prompts, completions, reference=references) for fn in functions]
+        columns = [scorer(prompts, texts, references) for scorer in scorers]
         return [sum(w * c[i] for w, c in zip(weights, columns, strict=True)) for i in range(len(texts))]
 
     return score
@@ -172,9 +172,8 @@ def recording(trainer_class, completions_log, names: list[str]):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
             if completions_log is not None:  # gathered over processes: rank 0's rows come first
                 for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-                    text = completion[-1]["content"] if isinstance(completion, list) else completion
                     completions_log.write(self.state.global_step + 1, {
-                        "prompt": prompt, "completion": text,
+                        "prompt": prompt, "completion": completion_text(completion),
                         "rewards": dict(zip(names, rewards[i].tolist(), strict=True))})  # fmt: skip
             return rewards
 
@@ -231,9 +230,10 @@ def run(cfg: GRPOConfig) -> dict | None:
     resume_from = trainer_resume_point(checkpoints, cfg.resume, cfg)
     from accelerate import PartialState
 
-    functions = reward_functions(cfg, PartialState().device)  # imports and loads every reward before training
-    weights = cfg.reward_weights or [1.0] * len(functions)
-    if PartialState().is_main_process:
+    state = PartialState()
+    named = reward_scorers(cfg, state.device)  # imports and loads every reward before training
+    weights = cfg.reward_weights or [1.0] * len(named)
+    if state.is_main_process:
         begin_stage(out, cfg, fresh=resume_from is None)
 
     # --- policy; sampling exactly as configured: the model's own generation_config (repetition_penalty, top_k,
@@ -254,16 +254,16 @@ def run(cfg: GRPOConfig) -> dict | None:
     )  # fmt: skip
     dataset = Dataset.from_list([{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
     completions_log = None
-    if PartialState().is_main_process:
+    if state.is_main_process:
         resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else None
         completions_log = MetricsLog(out / "completions.jsonl", None, resume_step)
-    names = [f.__name__ for f in functions]
+    names = [name for name, _ in named]
     trainer = recording(GRPOTrainer, completions_log, names)(
-        model=model, reward_funcs=functions, args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=peft_config(cfg.lora),
+        model=model, reward_funcs=[trl_reward(name, scorer) for name, scorer in named], args=args,
+        train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(cfg.lora),
     )  # fmt: skip
     accelerator = trainer.accelerator
-    scorers = {"reward": weighted_scorer(functions, weights)}
+    scorers = {"reward": weighted_scorer([scorer for _, scorer in named], weights)}
     if cfg.eval_task is not None:
         from pipeline.rewards import task_scorer
 

@@ -29,7 +29,7 @@ from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkp
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, make_accelerator, world_size
-from pipeline.formats import load_prompt_rows, load_reference_answers, overlapping_prompts
+from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import encode_prompts, heldout_metrics, rollout
 from pipeline.modeling import (
     LoraSection,
@@ -209,11 +209,9 @@ def run(cfg: PPOConfig) -> dict | None:
         raise UserError(f"data: every prompt is longer than rollout.max_prompt_length {cfg.rollout.max_prompt_length}")
     prompts, prompt_ids, references = ([items[i] for i in keep] for items in (prompts, prompt_ids, references))
     eval_rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
-    shared = overlapping_prompts(prompts, eval_rows)
-    if shared:
-        raise UserError(f"eval_data: {len(shared)} of its {len(eval_rows)} held-out questions are training prompts in "
-                        f"{cfg.data.path} (e.g. {shared[0]!r}); a held-out number must not be measured on what RL "
-                        "trained on: remove them from data or eval_data")  # fmt: skip
+    problem = overlap_problem("eval_data", prompts, eval_rows, cfg.data.path)
+    if problem:
+        raise UserError(problem)
     if cfg.reward_function:
         load_reward_function(cfg.reward_function, "reward_function")
     world, train = world_size(), cfg.train
