@@ -110,6 +110,19 @@ def rollout(
     }  # fmt: skip
 
 
+def take_rows(batch: dict, rows: list[int]) -> dict:
+    """The rollout batch of `rows` only (in that order), its left padding trimmed to the longest kept prompt.
+    generated_tokens keeps the count of the whole draw: it measures sampling throughput."""
+    import torch
+
+    index = torch.tensor(rows, device=batch["ids"].device)
+    kept = {key: batch[key][index] for key in ("ids", "attention_mask", "responses", "mask", "has_stop", "last_index")}
+    prompt_mask = kept["attention_mask"][:, : batch["context_length"]]
+    cut = int((prompt_mask.cumsum(1) == 0).sum(1).min()) if len(rows) else 0  # columns of padding every row has
+    kept["ids"], kept["attention_mask"] = kept["ids"][:, cut:], kept["attention_mask"][:, cut:]
+    return {**kept, "context_length": batch["context_length"] - cut, "generated_tokens": batch["generated_tokens"]}
+
+
 def greedy_answers(model, tokenizer, questions: list, max_new_tokens: int, batch_size: int = 32) -> dict:
     """The model's greedy answer to each question (a string is one user turn; chat template, generation prompt),
     `batch_size` questions per generate call, in eval mode. Returns texts (special tokens dropped, not stripped)

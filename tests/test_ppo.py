@@ -50,6 +50,15 @@ def test_leave_one_out_baseline_removes_each_prompts_mean():
     )
 
 
+def test_dynamic_sampling_picks_groups_with_signal_first_in_draw_order():
+    scores = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1])
+    signal = ppo_core.groups_with_signal(scores, 4)
+    assert signal.tolist() == [False, True, False, True]
+    assert ppo_core.pick_groups(signal, 2) == [1, 3]
+    assert ppo_core.pick_groups(signal, 3) == [0, 1, 3]  # topped up with the first group without signal
+    assert ppo_core.pick_groups(signal, 4) == [0, 1, 2, 3]
+
+
 def test_kl_estimators():  # B2
     logprobs = torch.tensor([-1.0, -2.0])
     assert torch.equal(ppo_core.kl_estimate(logprobs, logprobs, "k1"), torch.zeros(2))
@@ -334,6 +343,25 @@ def test_rollout_samples_only_what_it_is_told():  # A5, A6
     assert model.generation_config.top_k == 1, "the model's own generation_config is restored"
 
 
+def test_rows_taken_from_a_rollout_keep_their_tokens_and_log_probs():
+    """Dynamic sampling trains on some rows of a draw: take_rows trims the padding no kept row needs, and each
+    kept row's response log-probs equal those it had in the whole batch."""
+    from pipeline.generation import rollout, take_rows
+    from pipeline.rl.policy import policy_forward
+
+    model = _gpt2()
+    torch.manual_seed(0)
+    batch = rollout(model, _Tok(), [[5, 6, 7, 8, 9, 10], [5, 6], [7, 8, 9], [11]], max_new_tokens=5)
+    kept = take_rows(batch, [1, 3])
+    assert batch["context_length"] == 6 and kept["context_length"] == 2, kept["ids"]
+    assert kept["responses"].tolist() == batch["responses"][[1, 3]].tolist()
+    with torch.no_grad():
+        whole = ppo_core.token_logprobs(policy_forward(model, batch, [1, 3], 0.7), batch["responses"][[1, 3]])
+        alone = ppo_core.token_logprobs(policy_forward(model, kept, [0, 1], 0.7), kept["responses"])
+    assert torch.allclose(whole * kept["mask"], alone * kept["mask"], atol=1e-5)
+    assert take_rows(batch, [0, 2])["ids"].tolist() == batch["ids"][[0, 2]].tolist()  # the longest prompt: no trim
+
+
 def test_pad_equal_to_eos_keeps_the_stop_token_in_the_mask():  # A2
     """With pad == EOS (Llama 3, SmolLM): the first EOS is kept and trained on, the padding after it is not."""
     kept, mask, has_stop, last = ppo_core.truncate_after_stop(torch.tensor([[5, 1, 1, 1], [5, 6, 7, 8]]), [1], 1)
@@ -557,6 +585,32 @@ def test_several_samples_per_prompt_with_the_leave_one_out_baseline(
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     assert metrics["prompts"] == 192 and max(i for r in rows for i in r["prompt_indices"]) < 192
     assert metrics["reward_end"] > metrics["reward_start"] + 0.25, (metrics["reward_start"], metrics["reward_end"])
+
+
+def test_dynamic_sampling_keeps_the_groups_with_signal(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """rollout.oversample 3: 24 prompts x 4 samples are drawn a step and the 8 prompts whose samples disagree are
+    trained on. Half the prompts (not about an animal) always score 0: about a third of the drawn groups have
+    signal, the trained ones hold all of those, and the prompts trained on are the animal ones. Without samples to compare,
+    oversample is refused before any compute."""
+    out = tmp_path / "dapo"
+    extra = ["reward_function=ppo_rewards:letter_e_about_animals", "rollout.samples_per_prompt=4",
+             "rollout.oversample=3", "train.score_baseline=loo", "value_model=none", "train.steps=8",
+             "checkpoint_every=8"]  # fmt: skip
+    result = run_cli(*ppo_args(out, tiny_policy, prompts, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = history(out)
+    for r in rows:  # of 24 groups drawn, the trained 8 hold every one with signal (up to 8)
+        assert r["trained_signal_share"] == pytest.approx(min(8, round(24 * r["signal_share"])) / 8), r
+    drawn = sum(r["signal_share"] for r in rows) / len(rows)
+    trained = sum(r["trained_signal_share"] for r in rows) / len(rows)
+    assert 0.2 < drawn < 0.6 and trained > drawn + 0.3, (drawn, trained)  # measured 0.35 and 0.84
+    animals = {0, 1, 4, 5}  # topic = prompt index % 8; only animal prompts can have signal
+    for r in rows:
+        trained_animals = sum(i % 8 in animals for i in r["prompt_indices"]) / 4
+        assert len(r["prompt_indices"]) == 32 and trained_animals >= 8 * r["trained_signal_share"], r
+    assert all(0 <= r["reward"] <= 1 and math.isfinite(r["pg_loss"]) for r in rows), rows[-1]
+    refused = run_cli(*ppo_args(tmp_path / "one", tiny_policy, prompts, "rollout.oversample=2"))
+    assert refused.returncode == 2 and "rollout.samples_per_prompt >= 2" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_lora_policy_reference_and_value_head_share_one_base(tmp_path, tiny_policy, prompts, rule_reward_path):

@@ -118,6 +118,21 @@ def leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - others).view(-1)
 
 
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups of `group_size` adjacent samples (one prompt's) scored differently: the only groups a group
+    baseline (leave_one_out, GRPO's mean) learns from; a group of equal scores has every advantage 0."""
+    groups = scores.view(-1, group_size)
+    return (groups != groups[:, :1]).any(1)
+
+
+def pick_groups(signal: torch.Tensor, wanted: int) -> list[int]:
+    """DAPO's dynamic sampling (Yu et al. 2025) over one oversampled draw: the first `wanted` groups with signal,
+    in draw order, then groups without signal, in draw order, only where too few had any. Returns group indices
+    in draw order."""
+    order = [i for i in range(len(signal)) if signal[i]] + [i for i in range(len(signal)) if not signal[i]]
+    return sorted(order[:wanted])
+
+
 def token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, last_index: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

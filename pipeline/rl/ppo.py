@@ -44,6 +44,13 @@ class RolloutSection:
         "Responses sampled per prompt (rollout_batch_size counts responses; each prompt's are on one process).",
         ge=1,
     )
+    oversample: int = field(
+        1,
+        "DAPO's dynamic sampling: sample this many times the step's prompts and train on the prompts whose "
+        "samples scored differently (with a leave-one-out baseline the others add nothing), filling up with the "
+        "rest only where too few did; 1: off. Needs samples_per_prompt >= 2.",
+        ge=1,
+    )
 
 
 @config
@@ -162,12 +169,12 @@ class Models:
 
 
 def score_rollout(
-    models: Models, tokenizer, batch: dict, prompts: list, scorer, kl_coef: float, rollout: RolloutSection,
+    models: Models, batch: dict, texts: list[str], raw_scores, kl_coef: float, rollout: RolloutSection,
     kl: KLSection, train: PPOTrainConfig,
 ) -> dict:  # fmt: skip
-    """Rollout log-probs, reference log-probs and values (no grad), the scores (clipped, missing-stop penalty,
-    leave-one-out baseline), per-token KL and rewards (the KL penalty among them when kl.placement is reward), then
-    GAE advantages (whitened unless told not) and returns."""
+    """Rollout log-probs, reference log-probs and values (no grad), the scores (`raw_scores`, the scorer's,
+    clipped, missing-stop penalty, leave-one-out baseline), per-token KL and rewards (the KL penalty among them
+    when kl.placement is reward), then GAE advantages (whitened unless told not) and returns."""
     import torch
 
     temperature = rollout.temperature
@@ -182,8 +189,7 @@ def score_rollout(
             values.append(rollout_values)
             ref_logprobs.append(token_logprobs(models.reference_logits(batch, rows, temperature), responses[rows]))
         old_logprobs, ref_logprobs, values = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        raw_scores = torch.tensor(scorer(prompts, texts), dtype=torch.float32, device=responses.device)
+        raw_scores = torch.as_tensor(raw_scores, dtype=torch.float32, device=responses.device)
         scores = raw_scores.clamp(-train.reward_clip, train.reward_clip) if train.reward_clip else raw_scores
         scores = penalise_missing_stop(scores, batch["has_stop"], rollout.missing_eos_penalty)
         if train.score_baseline == "loo":
@@ -266,9 +272,10 @@ def ppo_update(
     return {key: sum(values) / len(values) for key, values in stats.items()}
 
 
-def step_metrics(models: Models, batch: dict, scored: dict, stats: dict, kl_coef: float) -> dict:
+def step_metrics(models: Models, batch: dict, scored: dict, stats: dict, kl_coef: float, drawn: dict) -> dict:
     """The step's metrics averaged over processes: reward, reward with the KL penalty, per-sequence KL, response
-    length, no-stop share, explained variance (with a critic) and the update's terms."""
+    length, no-stop share, explained variance (with a critic), the update's terms, and `drawn` (tensors about
+    the whole draw before dynamic sampling kept part of it)."""
     import torch
 
     kl, mask, device = scored["kl"], scored["mask"], models.accelerator.device
@@ -281,5 +288,6 @@ def step_metrics(models: Models, batch: dict, scored: dict, stats: dict, kl_coef
            if with_critic else {}),
         **{k: torch.tensor(v) for k, v in stats.items()},
     }  # fmt: skip
+    local.update(drawn)  # e.g. the reward over every sample drawn, not only over those dynamic sampling kept
     reduced = models.accelerator.reduce(torch.stack([v.float().to(device) for v in local.values()]), "mean")
     return dict(zip(local, reduced.tolist(), strict=True))

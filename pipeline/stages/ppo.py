@@ -30,7 +30,7 @@ from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, make_accelerator, world_size
 from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
-from pipeline.generation import encode_prompts, heldout_metrics, rollout
+from pipeline.generation import encode_prompts, heldout_metrics, rollout, take_rows
 from pipeline.modeling import (
     LoraSection,
     load_pretrained,
@@ -40,7 +40,7 @@ from pipeline.modeling import (
     save_model,
 )
 from pipeline.rewards import EXACT_MATCH, load_reward_function, reward_scorer
-from pipeline.rl.core import KLController
+from pipeline.rl.core import KLController, groups_with_signal, pick_groups
 from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_value_head
 from pipeline.rl.ppo import (
     KLSection,
@@ -116,6 +116,9 @@ class PPOConfig:
         if self.train.score_baseline == "loo" and self.rollout.samples_per_prompt < 2:
             problems.append("train.score_baseline loo needs rollout.samples_per_prompt >= 2 (got "
                             f"{self.rollout.samples_per_prompt})")  # fmt: skip
+        if self.rollout.oversample > 1 and self.rollout.samples_per_prompt < 2:
+            problems.append("rollout.oversample > 1 keeps prompts whose samples scored differently: it needs "
+                            f"rollout.samples_per_prompt >= 2 (got {self.rollout.samples_per_prompt})")  # fmt: skip
         if self.train.rollout_batch_size % self.train.num_minibatches:
             problems.append(f"train.rollout_batch_size {self.train.rollout_batch_size} must be a multiple of "
                             f"train.num_minibatches {self.train.num_minibatches}")  # fmt: skip
@@ -254,22 +257,32 @@ def run(cfg: PPOConfig) -> dict | None:
     resume_step = start_step if resume_from else None
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator, resume_step)
     samples_log = MetricsLog(out / "samples.jsonl", None, resume_step)
-    sampler = BlockSampler(len(prompts), train.seed, per_rank // n_samples, world, 1)
+    groups = per_rank // n_samples  # prompts a step trains on, per process; oversample x that many are sampled
+    sampler = BlockSampler(len(prompts), train.seed, groups * cfg.rollout.oversample, world, 1)
     seconds = state.get("seconds", {"rollout": 0.0, "scoring": 0.0, "update": 0.0, "generated_tokens": 0})
 
     # --- train: rollout, scoring, update, metrics
     for step in range(start_step, train.steps):
         t0 = time.perf_counter()  # this rank's prompts, sampled with a generator seeded by (seed, step, rank)
         indices = sampler.indices(step, 0, rank).repeat(n_samples).tolist()  # a prompt's samples adjacent
-        batch_prompts = [prompts[i] for i in indices]
-        batch_scorer = functools.partial(scorer, references=[references[i] for i in indices])
         torch.manual_seed(step_seed(train.seed, step, rank))
         with accelerator.autocast():  # sampled in the precision the log-probs are computed in
             batch = rollout(models.causal_lm(), tokenizer, [prompt_ids[i] for i in indices],
                             cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)  # fmt: skip
         t1 = time.perf_counter()
-        scored = score_rollout(models, tokenizer, batch, batch_prompts, batch_scorer, kl_controller.coef, cfg.rollout,
-                               cfg.kl, train)  # fmt: skip
+        texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
+        scores = scorer([prompts[i] for i in indices], texts, references=[references[i] for i in indices])
+        raw_scores = torch.tensor(scores, dtype=torch.float32)
+        drawn = {"reward": raw_scores.mean()}
+        if n_samples > 1:
+            signal = groups_with_signal(raw_scores, n_samples)
+            kept_groups = pick_groups(signal, groups)
+            drawn.update(signal_share=signal.float().mean(), trained_signal_share=signal[kept_groups].float().mean())
+            rows = [g * n_samples + k for g in kept_groups for k in range(n_samples)]
+            if len(rows) < len(indices):
+                batch, indices = take_rows(batch, rows), [indices[r] for r in rows]
+                texts, raw_scores = [texts[r] for r in rows], raw_scores[rows]
+        scored = score_rollout(models, batch, texts, raw_scores, kl_controller.coef, cfg.rollout, cfg.kl, train)
         sequence_kl = accelerator.reduce(scored["kl"].sum(1).mean(), "mean").item()
         if cfg.kl.max is not None and sequence_kl > cfg.kl.max:
             raise guardrail(out / "checkpoints", step, f"KL to the reference {sequence_kl:.3f} > kl.max {cfg.kl.max}")
@@ -279,7 +292,7 @@ def run(cfg: PPOConfig) -> dict | None:
                            kl_loss_coef)  # fmt: skip
         t3 = time.perf_counter()
 
-        row = step_metrics(models, batch, scored, stats, kl_controller.coef)
+        row = step_metrics(models, batch, scored, stats, kl_controller.coef, drawn)
         generated = int(accelerator.reduce(torch.tensor(batch["generated_tokens"], device=device), "sum"))
         seconds = {
             "rollout": seconds["rollout"] + t1 - t0,
@@ -298,7 +311,7 @@ def run(cfg: PPOConfig) -> dict | None:
             f"{t3 - t0:.1f} s", STAGE)  # fmt: skip
         if step % cfg.sample_every == 0 or done == train.steps:
             for i in range(min(cfg.samples_per_log, per_rank)):
-                samples_log.write(done, {"prompt": batch_prompts[i], "response": scored["texts"][i],
+                samples_log.write(done, {"prompt": prompts[indices[i]], "response": texts[i],
                                          "score": float(scored["raw_scores"][i]),
                                          "stopped": bool(batch["has_stop"][i])})  # fmt: skip
         if done % cfg.checkpoint_every == 0 or done == train.steps:
