@@ -177,7 +177,26 @@ def config_changes(output_dir: str | Path, cfg: Any) -> list[tuple[str, Any, Any
     except yaml.YAMLError:
         return None
     new = _flatten(yaml.safe_load(dump_yaml(cfg)))
-    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return [(k, old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not (k not in old and _is_default(cfg, k, new[k]))]  # fmt: skip
+
+
+def _is_default(cfg: Any, key: str, value: Any) -> bool:
+    """Whether `value` is the default of the dotted key: a key that a newer llmpipe added, at its default, is not a
+    change of a folder written before it existed."""
+    import dataclasses
+
+    import yaml
+
+    *sections, name = key.split(".")
+    for part in sections:
+        cfg = getattr(cfg, part, None)
+    fields = {f.name: f for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else {}
+    if name not in fields:
+        return False
+    f = fields[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return default is not dataclasses.MISSING and yaml.safe_load(yaml.safe_dump(default)) == value
 
 
 def check_resume_config(output_dir: str | Path, cfg: Any) -> None:

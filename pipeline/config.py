@@ -74,9 +74,25 @@ class DataConfig:
     )
     streaming: bool = field(False, "Stream the data instead of loading it (for corpora larger than memory or disk).")
     max_examples: int | None = field(None, "Use only the first N examples (handy for smoke tests).", ge=1)
+    mix: list[float] | None = field(
+        None, "A mixture: one weight per entry of `path`, each a source. A weight <= 1 takes that fraction of its "
+        "source's rows, one > 1 that many rows (a source with fewer repeats whole, then a sample); drawn with "
+        "mix_seed, the same rows every run (Open-Instruct's dataset_mixer). None: every row of every file once.",
+    )  # fmt: skip
+    mix_seed: int = field(0, "Seed of the rows a mixture draws from each source.")
 
     def check(self) -> list[str]:
         problems = []
+        if self.mix is not None:
+            paths = self.path if isinstance(self.path, list) else [self.path]
+            if len(self.mix) != len(paths):
+                problems.append(f"mix: {len(self.mix)} weight(s) for {len(paths)} path(s); give one weight per "
+                                "entry of path")  # fmt: skip
+            bad = [w for w in self.mix if w <= 0 or (w > 1 and w != int(w))]
+            if bad:
+                problems.append(f"mix: {bad[0]} is not a fraction in (0, 1] or a whole number of rows > 1")
+            if self.streaming:
+                problems.append("mix: a mixture draws rows by index; it cannot stream (set streaming: false)")
         if self.format not in ("auto", "jsonl", "json", "parquet", "text"):
             problems.append(f"format: got {self.format!r}, expected one of auto, jsonl, json, parquet, text")
         if self.text_sample_by not in ("line", "paragraph", "document"):

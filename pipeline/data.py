@@ -90,10 +90,13 @@ def file_format(cfg: DataConfig, files: list[str]) -> str:
 def load_examples(cfg: DataConfig, required: list[str]):
     """Load the configured data with `required` columns (after `cfg.columns` renaming), or raise a UserError.
 
-    Returns a `datasets.Dataset`, or an `IterableDataset` when `cfg.streaming` is set.
+    Returns a `datasets.Dataset`, or an `IterableDataset` when `cfg.streaming` is set. A mixture (`cfg.mix`) is
+    its sources' rows (load_mixture) one after another, cut to the columns all of them have.
     """
     import datasets
 
+    if cfg.mix is not None:
+        return concatenate_sources([(name, ds) for name, ds, _ in load_mixture(cfg, required)])
     files = local_files(cfg)
     source = ", ".join(files[:3]) + (f" (+{len(files) - 3} more)" if files and len(files) > 3 else "") if files else ""
     if not is_main_process():
@@ -138,19 +141,67 @@ def _load_apart(files: list[str], fmt: str, kwargs: dict):
     parts = []
     for path in files:
         try:
-            parts.append(datasets.load_dataset(_BUILDERS[fmt], data_files=[path], split="train", **kwargs))
+            parts.append((path, datasets.load_dataset(_BUILDERS[fmt], data_files=[path], split="train", **kwargs)))
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"data: could not load {path}: {' '.join(str(exc).split())[:500]}") from None
-    shared = [c for c in parts[0].column_names if all(c in part.column_names for part in parts)]
-    dropped = sorted({c for part in parts for c in part.column_names} - set(shared))
+    return concatenate_sources(parts)
+
+
+def concatenate_sources(parts: list[tuple[str, object]]):
+    """Named datasets one after another, cut to the columns all of them have (the others are named)."""
+    import datasets
+
+    if len(parts) == 1:
+        return parts[0][1]
+    tables = [part for _, part in parts]
+    shared = [c for c in tables[0].column_names if all(c in part.column_names for part in tables)]
+    dropped = sorted({c for part in tables for c in part.column_names} - set(shared))
+    if not shared:
+        columns = {name: part.column_names for name, part in parts}
+        raise UserError(f"data: the sources have no column in common ({columns}); give them the same columns "
+                        "(data.columns renames one source's)")  # fmt: skip
     if dropped and is_main_process():
         print(f"data: the files' columns differ; using the ones all have {shared} (not {dropped})", flush=True)
     try:
-        return datasets.concatenate_datasets([part.select_columns(shared) for part in parts])
+        return datasets.concatenate_datasets([part.select_columns(shared) for part in tables])
     except ValueError as exc:
-        kinds = {f: str(part.select_columns(shared).features)[:200] for f, part in zip(files, parts, strict=True)}
+        kinds = {name: str(part.select_columns(shared).features)[:200] for name, part in parts}
         raise UserError(f"data: the files hold the same columns with different types, e.g. {kinds}: "
                         f"{' '.join(str(exc).split())[:300]}") from None  # fmt: skip
+
+
+# --- mixtures ---------------------------------------------------------------------------------------------------
+
+
+def mixture_rows(n_rows: int, weight: float, seed: int, source: int) -> np.ndarray:
+    """The row indices a mixture source of `n_rows` gives for its weight: a fraction (<= 1) is a seeded sample
+    without repeats, a count (> 1) the whole source as often as it fits and then a seeded sample; in file order
+    within each pass. A pure function of (seed, source): the same rows every run and on every process."""
+    rng = np.random.default_rng([seed, source])
+    if weight <= 1:
+        return np.sort(rng.permutation(n_rows)[: max(1, round(weight * n_rows))])
+    count = int(weight)
+    return np.concatenate(
+        [np.tile(np.arange(n_rows), count // n_rows), np.sort(rng.permutation(n_rows)[: count % n_rows])]
+    )
+
+
+def load_mixture(cfg: DataConfig, required: list[str]) -> list[tuple[str, object, np.ndarray]]:
+    """Each source of a mixture (an entry of `cfg.path` with its `cfg.mix` weight) loaded alone, with `required`
+    columns, and cut or repeated to its weight: [(source, dataset, the source's row index of each row)]. Sources
+    may differ in columns (sft mixes conversations with plain text); load_examples keeps the columns they share."""
+    import dataclasses
+
+    paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
+    parts, counts = [], []
+    for source, (path, weight) in enumerate(zip(paths, cfg.mix, strict=True)):
+        ds = load_examples(dataclasses.replace(cfg, path=path, mix=None), required)
+        rows = mixture_rows(len(ds), weight, cfg.mix_seed, source)
+        parts.append((path, ds.select(rows), rows))
+        counts.append(f"{path}: {len(parts[-1][1])} of {len(ds)} rows")
+    if is_main_process():
+        print(f"data: a mixture of {'; '.join(counts)}", flush=True)
+    return parts
 
 
 def _columns(ds) -> list[str]:
@@ -299,7 +350,9 @@ def stage_inputs(cfg, *keys: str) -> dict:
 
     inputs = {}
     for key in keys:
-        value = getattr(cfg, key)
+        value = cfg
+        for part in key.split("."):  # a section's key too, e.g. ptx.data
+            value = getattr(value, part)
         if value is not None:
             inputs[key] = describe_data(value) if isinstance(value, DataConfig) else describe_input(value)
     return inputs

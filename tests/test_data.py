@@ -30,6 +30,19 @@ def test_jsonl_json_parquet_and_globs_load_the_same_rows(tmp_path):
     assert texts(load_examples(DataConfig(path=str(tmp_path / "a")), ["text"])) == expected
 
 
+def test_a_mixture_takes_a_fraction_or_a_count_of_each_source_the_same_every_run(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}", "n": i} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(4)])
+    cfg = DataConfig(path=[str(a), str(b)], mix=[0.5, 10])
+    got = texts(load_examples(cfg, ["text"]))
+    from_a, from_b = [t for t in got if t[0] == "a"], [t for t in got if t[0] == "b"]
+    assert len(from_a) == len(set(from_a)) == 5, "a fraction is a sample without repeats"
+    assert len(from_b) == 10 and all(from_b.count(f"b{i}") in (2, 3) for i in range(4)), "b twice, then 2 more"
+    assert texts(load_examples(cfg, ["text"])) == got
+    reseeded = texts(load_examples(DataConfig(path=[str(a), str(b)], mix=[0.5, 10], mix_seed=1), ["text"]))
+    assert reseeded != got and len(reseeded) == 15
+
+
 def test_text_files_by_document_and_by_line(tmp_path):
     (tmp_path / "one.txt").write_text("first line\nsecond line\n\nnew paragraph\n")
     (tmp_path / "two.txt").write_text("another file\n")

@@ -311,6 +311,26 @@ def test_chat_prompt_puts_shots_in_turns(trained_tokenizer):
                                                          add_generation_prompt=True).split("x", 1)[1])  # fmt: skip
 
 
+def test_chat_models_are_asked_in_the_tasks_chat_form(trained_tokenizer):
+    """chat_doc_to_text is the user turn of a chat model (shots too); the base model keeps doc_to_text, and a
+    task without chat_doc_to_text asks a chat model doc_to_text, as lm-eval's --apply_chat_template does."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    spec = load_task_file(REPO / "data/tasks/demo_qa.yaml")
+    assert spec.chat_doc_to_text == "{{question}}", "the demo tasks ask chat models as the sft data do"
+    docs = [{"question": f"Name Zobas{i}'s job.", "answer": "potter"} for i in range(2)]
+    chat = build_prompt(spec, docs[1], docs[:1], tokenizer)
+    user_turn = tokenizer.apply_chat_template([{"role": "user", "content": "Name Zobas1's job."}], tokenize=False,
+                                              add_generation_prompt=True)  # fmt: skip
+    assert chat.endswith(user_turn.split("<|user|>", 1)[1]) and "Question:" not in chat, chat
+    assert build_prompt(spec, docs[1], [], None) == "Question: Name Zobas1's job.\nAnswer:"
+    lmeval_like = dataclasses.replace(spec, chat_doc_to_text=None)
+    assert "Question: Name Zobas1's job.\nAnswer:" in build_prompt(lmeval_like, docs[1], [], tokenizer)
+
+
 # --- distributed ------------------------------------------------------------------------------------------------
 
 

@@ -86,7 +86,7 @@ def test_loss_mask_trains_exactly_the_answers(tmp_path, base_model):
         data = write_jsonl(tmp_path / f"{fmt}.jsonl", rows)
         cfg = load_config(SFTStageConfig, SFT_YAML, [f"output_dir={tmp_path / fmt}", f"init_from={base_model}",
                                                      f"data.path={data}", "eval_fraction=0"])  # fmt: skip
-        ds, detected, _ = load_sft_rows(cfg.data)
+        ds, detected, _, _ = load_sft_rows(cfg.data)
         assert detected == fmt
         trainer = build_trainer(cfg, AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, ds, None, detected)
         row = trainer.train_dataset[0]
@@ -135,7 +135,7 @@ def test_answer_only_loss_on_chat_templates_without_generation_markers(tmp_path,
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}])
     cfg = load_config(SFTStageConfig, SFT_YAML, [f"output_dir={tmp_path / 'o'}", f"init_from={base_model}",
                                                  f"data.path={data}", "eval_fraction=0"])  # fmt: skip
-    ds, fmt, _ = load_sft_rows(cfg.data)
+    ds, fmt, _, _ = load_sft_rows(cfg.data)
     for template, stop in ((CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>"), (QWEN25, "<|im_end|>")):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS})
@@ -166,6 +166,41 @@ def test_sft_trains_answers_only_with_a_chatml_tokenizer(tmp_path, base_model):
     trained = result.stderr.split("row 0 trains on ")[1].splitlines()[0]
     assert trained.endswith("<|im_end|>']") and "<|im_start|>" not in trained, trained
     assert manifest_metrics(out)["steps"] == 6
+
+
+def test_a_mixture_replays_plain_text_on_every_token(tmp_path, base_model):
+    """data.mix with a conversation source and a plain-text source: the conversations train on their answers, the
+    text rows (a count of them, drawn the same every time) on every token with EOS at the end; the stage runs on
+    such a mixture. Text mixes only with conversations, and the weights must match the sources: refused, named."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = base_model / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chats = write_jsonl(tmp_path / "chats.jsonl", [GOOD] * 8)
+    lines = [f"Razul{i} lives in Dunhallow and keeps a heron." for i in range(5)]
+    text = write_jsonl(tmp_path / "corpus.jsonl", [{"text": line} for line in lines])
+    mixed = [f"data.path=[{chats},{text}]", "data.mix=[1.0,3]", "eval_fraction=0"]
+    cfg = load_config(SFTStageConfig, SFT_YAML, [f"output_dir={tmp_path / 'o'}", f"init_from={base_model}", *mixed])
+    ds, fmt, conversational, replay = load_sft_rows(cfg.data)
+    assert (fmt, conversational, len(ds), len(replay)) == ("messages", True, 8, 3)
+    assert load_sft_rows(cfg.data)[3]["text"] == replay["text"], "the same rows every time"
+    rows = build_trainer(cfg, AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, ds, None, fmt,
+                         replay).train_dataset  # fmt: skip
+    trained = [trained_text(tokenizer, row["input_ids"], row["labels"]) for row in rows]
+    answer = GOOD["messages"][-1]["content"]
+    assert trained[:8] == [[f"{answer}<|end|>"]] * 8, trained[0]
+    assert sorted(t[0] for t in trained[8:]) == sorted(f"{line}<|eos|>" for line in replay["text"]), trained[8:]
+    out = tmp_path / "sft"
+    result = run_cli(*sft_args(out, base_model, *mixed, "data.max_examples=null", "train.max_steps=4",
+                               "train.save_steps=4", "generation_eval=null"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert manifest_metrics(out)["replay_samples"] == 3 and "and 3 of plain text (replay)" in result.stderr
+    pairs = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2 + 3 =", "completion": " 5"}])
+    refused = run_cli(*sft_args(tmp_path / "no", base_model, f"data.path=[{pairs},{text}]", "data.mix=[1.0,3]"))
+    assert refused.returncode == 2 and "plain-text sources mix only with `messages`" in refused.stderr, refused.stderr
+    refused = run_cli(*sft_args(tmp_path / "no", base_model, f"data.path=[{chats},{text}]", "data.mix=[1.0]"))
+    assert refused.returncode == 2 and "data.mix: 1 weight(s) for 2 path(s)" in refused.stderr, refused.stderr
+    assert not (tmp_path / "no").exists()
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

@@ -34,12 +34,12 @@ def load_generation_task(path: str) -> TaskSpec:
 
 
 def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
-    """The documents of a generate_until task (load_generation_task) as held-out questions: {question:
-    doc_to_text, answer: the target} (the first target where a document lists several), from its evaluated split
-    by default."""
+    """The documents of a generate_until task (load_generation_task) as held-out questions asked as a chat model is
+    asked them: {question: chat_doc_to_text (else doc_to_text), answer: the target} (the first target where a
+    document lists several), from its evaluated split by default."""
     rows = []
     for doc in load_split(spec, split or spec.eval_split):
         target = doc_target(spec, doc)
-        rows.append({"question": str(resolve(doc, spec.doc_to_text)),
+        rows.append({"question": str(resolve(doc, spec.chat_doc_to_text or spec.doc_to_text)),
                      "answer": str(target[0] if isinstance(target, list) else target)})  # fmt: skip
     return rows

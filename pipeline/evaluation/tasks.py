@@ -72,6 +72,11 @@ class TaskSpec:
     test_split: str | None = field(None, "Split evaluated.")
     fewshot_split: str | None = field(None, "Split the shots come from (None: training, else validation split).")
     doc_to_text: str = field(help="The prompt of a document: a column name or a Jinja template.")
+    chat_doc_to_text: str | None = field(
+        None, "The prompt of a document as a chat model is asked it (eval chat: true), the user turn: e.g. the "
+        "question alone where doc_to_text adds a base model's 'Question: ...\\nAnswer:' scaffolding. None: "
+        "doc_to_text, as lm-eval's --apply_chat_template does.",
+    )  # fmt: skip
     doc_to_target: str | int | None = field(None, "The answer: a column, a template, or an index into the choices.")
     doc_to_choice: str | list[str] | None = field(None, "The options (multiple_choice): a list column or template.")
     description: str = field("", "Text put before the shots (end it with the delimiter you want).")
@@ -104,7 +109,7 @@ class TaskSpec:
                 re.compile(self.answer_filter.regex)
             except re.error as exc:
                 problems.append(f"answer_filter.regex: {exc}")
-        for name in ("doc_to_text", "doc_to_target", "doc_to_choice", "description"):
+        for name in ("doc_to_text", "chat_doc_to_text", "doc_to_target", "doc_to_choice", "description"):
             value = getattr(self, name)
             if isinstance(value, str) and "{" in value:
                 try:
@@ -342,22 +347,23 @@ def sample_shots(
 
 def build_prompt(spec: TaskSpec, doc: dict, shots: list[dict], tokenizer=None) -> str:
     """The context the model continues: plain text, or (with a tokenizer) the chat template applied to the shots
-    as user/assistant turns and the document as the last user turn."""
-    question = resolve(doc, spec.doc_to_text)
+    as user/assistant turns and the document as the last user turn, each asked in chat_doc_to_text if set."""
     description = resolve(doc, spec.description) if spec.description else ""
     if tokenizer is None:
+        question = resolve(doc, spec.doc_to_text)
         parts = [description]
         for shot in shots:
             parts += [resolve(shot, spec.doc_to_text), spec.target_delimiter, answer_text(spec, shot)]
             parts.append(spec.fewshot_delimiter)
         return "".join(parts) + question
+    asked = spec.chat_doc_to_text or spec.doc_to_text
     messages = [{"role": "system", "content": description}] if description else []
     for shot in shots:
         messages += [
-            {"role": "user", "content": resolve(shot, spec.doc_to_text)},
+            {"role": "user", "content": resolve(shot, asked)},
             {"role": "assistant", "content": answer_text(spec, shot)},
         ]
-    messages.append({"role": "user", "content": question})
+    messages.append({"role": "user", "content": resolve(doc, asked)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import stopped_message
-from pipeline.config import StageFailed, config, field
+from pipeline.config import DataConfig, StageFailed, config, field
 from pipeline.rl.core import (
     entropy_from_logits,
     explained_variance,
@@ -88,6 +88,23 @@ class KLSection:
 
 
 @config
+class PtxSection:
+    coef: float = field(
+        0.0, "InstructGPT's PPO-ptx gamma: weight of a language-modelling loss on `data`, added at every optimizer "
+        "step (a per-token mean, as the policy loss is); it holds on to what pretraining taught. 0: off.", ge=0,
+    )  # fmt: skip
+    data: DataConfig | None = field(
+        None, "Plain text (`text` rows, e.g. the pretraining corpus), packed into blocks as the pretrain stage packs "
+        "it (EOS after each document).",
+    )  # fmt: skip
+    block_size: int = field(128, "Tokens per block.", ge=8)
+    batch_size: int = field(8, "Blocks per process per optimizer step.", ge=1)
+
+    def check(self) -> list[str]:
+        return ["coef > 0 needs data: the text of the pretraining term"] if self.coef > 0 and self.data is None else []
+
+
+@config
 class PPOTrainConfig:
     seed: int = field(0, "Seed for the prompt order, sampling and new weights.")
     steps: int = field(100, "PPO steps: one rollout batch and its updates each.", ge=1)
@@ -158,6 +175,19 @@ class Models:
             policy, critic = self.accelerator.unwrap_model(policy), critic and self.accelerator.unwrap_model(critic)
         return logits_and_values(self.critic_source, policy, critic, batch, rows, temperature)
 
+    def lm_loss(self, ids):
+        """Mean next-token cross-entropy of the policy on full blocks of text (PPO-ptx), through the prepared policy
+        so that DDP syncs its gradient; a value head's output joins with weight 0, so DDP sees every parameter
+        used."""
+        import torch
+        import torch.nn.functional as F
+
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        out = self.policy(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=positions, use_cache=False)
+        logits = out["logits"][:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        return loss + 0 * out["token_values"].sum() if "token_values" in out else loss
+
     def reference_logits(self, batch: dict, rows, temperature: float):
         if self.reference is not None:
             return policy_forward(self.reference, batch, rows, temperature)
@@ -210,14 +240,15 @@ def score_rollout(
 
 def ppo_update(
     models: Models, optimizer, batch: dict, scored: dict, temperature: float, train: PPOTrainConfig, step: int,
-    checkpoints: Path, kl_loss_coef: float = 0.0,
+    checkpoints: Path, kl_loss_coef: float = 0.0, ptx=None, ptx_coef: float = 0.0,
 ) -> dict:  # fmt: skip
     """`ppo_epochs` passes over the rollout batch, a fresh permutation each (seeded by seed, step, rank), one
     optimizer step per minibatch: clipped policy loss (+ kl_loss_coef * the k3 KL of the current policy to the
     reference, GRPO's form; + clipped value loss with a critic), each summed over tokens and divided by the
     minibatch's response tokens over all processes, so micro_batch_size and the process count do not change it.
-    Stops, before the optimizer step, when the loss is not finite or the mean ratio leaves train.ratio_range.
-    Returns each logged term's mean over micro-batches."""
+    With `ptx` (update index -> a batch of text blocks), ptx_coef x its language-modelling loss joins every
+    optimizer step (PPO-ptx), logged as ptx_loss. Stops, before the optimizer step, when the loss is not finite or
+    the mean ratio leaves train.ratio_range. Returns each logged term's mean over micro-batches."""
     import torch
 
     accelerator = models.accelerator
@@ -227,6 +258,7 @@ def ppo_update(
     with_critic = models.critic_source != "none"
     stats: dict[str, list] = {}
     order_generator = torch.Generator().manual_seed(step_seed(train.seed, step, accelerator.process_index))
+    update = step * train.ppo_epochs * train.num_minibatches  # optimizer steps so far: which ptx blocks come next
     for _epoch in range(train.ppo_epochs):
         order = torch.randperm(per_rank, generator=order_generator)
         for part in order.split(minibatch):
@@ -256,6 +288,13 @@ def ppo_update(
                     stats.setdefault(key, []).append(float(value.detach()))
                 check += torch.stack([loss.detach(), pg_stats["ratio"] * len(rows) / len(part),
                                       (~torch.isfinite(loss.detach())).float()])  # fmt: skip
+            if ptx is not None:
+                with accelerator.autocast():
+                    ptx_loss = models.lm_loss(ptx(update))
+                accelerator.backward(ptx_coef * ptx_loss)
+                stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
+                check[2] += (~torch.isfinite(ptx_loss.detach())).float()
+            update += 1
             check = accelerator.reduce(check, "mean")
             low, high = train.ratio_range
             if check[2] > 0:

@@ -27,7 +27,7 @@ from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.batches import BlockSampler
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import stage_inputs
+from pipeline.data import load_examples, pack_dataset, stage_inputs
 from pipeline.distributed import launch_facts, make_accelerator, world_size
 from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import encode_prompts, heldout_metrics, rollout, take_rows
@@ -46,6 +46,7 @@ from pipeline.rl.ppo import (
     KLSection,
     Models,
     PPOTrainConfig,
+    PtxSection,
     RolloutSection,
     guardrail,
     ppo_update,
@@ -91,6 +92,7 @@ class PPOConfig:
     rollout: RolloutSection = field(factory=RolloutSection, help="Sampling.")
     kl: KLSection = field(factory=KLSection, help="KL penalty to the reference.")
     train: PPOTrainConfig = field(factory=PPOTrainConfig, help="Optimisation.")
+    ptx: PtxSection = field(factory=PtxSection, help="PPO-ptx: a pretraining-loss term in every update (InstructGPT).")
     precision: str = field("auto", "auto (launch config's; bf16 on GPU, fp32 on CPU), fp32 or bf16.")
     sample_every: int = field(10, "Write a few prompt/response/score rows to samples.jsonl every N steps.", ge=1)
     samples_per_log: int = field(4, "Rows written each time.", ge=1)
@@ -217,6 +219,7 @@ def run(cfg: PPOConfig) -> dict | None:
         raise UserError(problem)
     if cfg.reward_function:
         load_reward_function(cfg.reward_function, "reward_function")
+    ptx_docs = load_examples(cfg.ptx.data, ["text"]) if cfg.ptx.coef > 0 else None
     world, train = world_size(), cfg.train
     if train.rollout_batch_size % (world * train.num_minibatches):
         raise UserError(f"train.rollout_batch_size {train.rollout_batch_size} must be a multiple of processes x "
@@ -260,6 +263,7 @@ def run(cfg: PPOConfig) -> dict | None:
     groups = per_rank // n_samples  # prompts a step trains on, per process; oversample x that many are sampled
     sampler = BlockSampler(len(prompts), train.seed, groups * cfg.rollout.oversample, world, 1)
     seconds = state.get("seconds", {"rollout": 0.0, "scoring": 0.0, "update": 0.0, "generated_tokens": 0})
+    ptx = ptx_batches(cfg, ptx_docs, tokenizer, world, rank, device) if ptx_docs is not None else None
 
     # --- train: rollout, scoring, update, metrics
     for step in range(start_step, train.steps):
@@ -289,7 +293,7 @@ def run(cfg: PPOConfig) -> dict | None:
         t2 = time.perf_counter()
         kl_loss_coef = kl_controller.coef if cfg.kl.placement == "loss" else 0.0
         stats = ppo_update(models, optimizer, batch, scored, cfg.rollout.temperature, train, step, out / "checkpoints",
-                           kl_loss_coef)  # fmt: skip
+                           kl_loss_coef, ptx, cfg.ptx.coef)  # fmt: skip
         t3 = time.perf_counter()
 
         row = step_metrics(models, batch, scored, stats, kl_controller.coef, drawn)
@@ -308,7 +312,7 @@ def run(cfg: PPOConfig) -> dict | None:
         metrics_log.write(done, row)
         log(f"step {done}/{train.steps}: reward {row['reward']:.3f}, kl {row['kl']:.3f} (beta {row['kl_coef']:.3f}), "
             f"entropy {row['entropy']:.2f}, clipfrac {row['clipfrac']:.3f}, length {row['response_length']:.1f}, "
-            f"{t3 - t0:.1f} s", STAGE)  # fmt: skip
+            + (f"ptx loss {row['ptx_loss']:.3f}, " if ptx else "") + f"{t3 - t0:.1f} s", STAGE)  # fmt: skip
         if step % cfg.sample_every == 0 or done == train.steps:
             for i in range(min(cfg.samples_per_log, per_rank)):
                 samples_log.write(done, {"prompt": prompts[indices[i]], "response": texts[i],
@@ -332,6 +336,8 @@ def run(cfg: PPOConfig) -> dict | None:
             "reward_start": _mean(history[:window], "reward"), "reward_end": _mean(history[-window:], "reward"),
             "kl_end": _mean(history[-window:], "kl"), "kl_max_seen": max(r["kl"] for r in history),
             "kl_coef_end": kl_controller.coef, "no_eos_share_end": _mean(history[-window:], "no_eos_share"),
+            **({"ptx_loss_start": _mean(history[:window], "ptx_loss"),
+                "ptx_loss_end": _mean(history[-window:], "ptx_loss")} if ptx else {}),
             "heldout_before": before, "heldout_after": after,
             "rollout_seconds": seconds["rollout"], "scoring_seconds": seconds["scoring"],
             "update_seconds": seconds["update"],
@@ -340,7 +346,7 @@ def run(cfg: PPOConfig) -> dict | None:
             "resumed_from_step": start_step if resume_from else None,
             "value_model": models.critic_source, "lora": cfg.lora.enabled, "prompts": len(prompts), **facts,
         }  # fmt: skip
-        inputs = stage_inputs(cfg, "init_from", "data", "reward_model", "eval_data")
+        inputs = stage_inputs(cfg, "init_from", "data", "reward_model", "eval_data", *(["ptx.data"] if ptx else []))
         write_manifest(out, STAGE, inputs, ["model"], metrics, started)
         shown = (f", held-out exact match {before['exact_match']:.3f} -> {after['exact_match']:.3f}, reward "
                  f"{before['reward']:.3f} -> {after['reward']:.3f}") if after else ""  # fmt: skip
@@ -349,6 +355,25 @@ def run(cfg: PPOConfig) -> dict | None:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def ptx_batches(cfg: PPOConfig, docs, tokenizer, world: int, rank: int, device):
+    """update index -> this process's `ptx.batch_size` blocks of packed text (the pretrain stage's packing), in a
+    seeded order that a resumed run repeats."""
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else tokenizer.name_or_path
+    packed = pack_dataset(docs, tokenizer, cfg.ptx.block_size, fingerprint).with_format("numpy")
+    blocks = np.asarray(packed["input_ids"]) if len(packed) else None
+    if blocks is None:
+        raise UserError(f"ptx.data: {cfg.ptx.data.path} holds fewer tokens than one block of ptx.block_size "
+                        f"{cfg.ptx.block_size}")  # fmt: skip
+    sampler = BlockSampler(len(blocks), cfg.train.seed, cfg.ptx.batch_size, world, 1)
+    return lambda update: torch.as_tensor(blocks[sampler.indices(update, 0, rank)], device=device).long()
 
 
 def _mean(rows: list[dict], key: str) -> float:

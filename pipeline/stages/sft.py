@@ -15,13 +15,14 @@ AutoModelForCausalLM (no peft needed); LoRA with `merge: false` gives a peft ada
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
 from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.chat import assistant_token_mask
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import load_examples, local_files, stage_inputs
+from pipeline.data import concatenate_sources, load_examples, load_mixture, local_files, stage_inputs
 from pipeline.distributed import is_main_process, launch_facts
 from pipeline.formats import message_problem
 from pipeline.modeling import (
@@ -138,21 +139,46 @@ def _row_problem(row: dict, fmt: str, conversational: bool) -> str | None:
     return None
 
 
+FORMAT_COLUMNS = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"]}
+
+
 def load_sft_rows(data: DataConfig) -> tuple:
-    """The rows of `data` in one trl format, every row checked: (dataset, format, conversational)."""
+    """The rows of `data` in one trl format, every row checked: (dataset, format, conversational, replay). A
+    mixture (data.mix) may add plain-text sources to conversations: those rows are `replay` (a language-modelling
+    term on every token, against forgetting what pretraining taught), else replay is None."""
     if data.streaming:
         raise UserError("data.streaming: sft checks every row before training; set streaming: false")
-    ds = load_examples(data, required=[])
+    if data.mix is None:
+        ds = load_examples(data, required=[])
+        return (*_checked(ds, data, None), None)
+    parts = []
+    for path, ds, rows in load_mixture(data, required=[]):
+        source = dataclasses.replace(data, path=path, mix=None)
+        parts.append((path, *_checked(ds, source, rows)))
+    formats = {fmt for _, _, fmt, _ in parts}
+    if len(formats) == 1 or "text" not in formats:
+        merged = concatenate_sources([(path, ds) for path, ds, _, _ in parts])
+        return (*_checked(merged, data, None), None)
+    if formats != {"messages", "text"}:
+        shown = ", ".join(f"{path} ({fmt})" for path, _, fmt, _ in parts)
+        raise UserError(f"data.mix: plain-text sources mix only with `messages` conversations; got {shown}")
+    chats = concatenate_sources([(path, ds) for path, ds, fmt, _ in parts if fmt == "messages"])
+    replay = concatenate_sources([(path, ds) for path, ds, fmt, _ in parts if fmt == "text"])
+    return chats, "messages", True, replay
+
+
+def _checked(ds, data: DataConfig, rows) -> tuple:
+    """(dataset cut to its format's columns, format, conversational) after checking every row; a bad row is named
+    by file and line (`rows`: each row's index in its source, for a mixture's sample)."""
     fmt = detect_format(ds.column_names, str(data.path))
-    columns = {"messages": ["messages"], "prompt-completion": ["prompt", "completion"], "text": ["text"]}[fmt]
-    ds = ds.select_columns(columns)  # extra columns (ids, metadata) would confuse trl's format detection
-    conversational = fmt == "messages" or isinstance(ds[0]["prompt" if fmt != "messages" else "messages"], list)
+    ds = ds.select_columns(FORMAT_COLUMNS[fmt])  # extra columns (ids, metadata) would confuse trl's format detection
+    conversational = fmt == "messages" or (fmt == "prompt-completion" and isinstance(ds[0]["prompt"], list))
     for index, row in enumerate(ds):
         problem = _row_problem(row, fmt, conversational)
         if problem is None and fmt == "prompt-completion" and isinstance(row["prompt"], list) != conversational:
             problem = "mixes message lists and plain strings with earlier rows"
         if problem:
-            raise UserError(f"{_row_name(data, index)}: {problem}")
+            raise UserError(f"{_row_name(data, int(rows[index]) if rows is not None else index)}: {problem}")
     return ds, fmt, conversational
 
 
@@ -169,21 +195,34 @@ def check_chat_template(tokenizer, name: str) -> None:
 # --- the trainer, as the stage builds it (tests inspect its tokenized dataset) ----------------------------------
 
 
-def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt: str):
+def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt: str, replay=None):
     """trl's SFTTrainer with our settings; trl renders, tokenizes and masks the rows in its constructor. Answer-only
     loss on conversations: trl's assistant masks where the chat template has {% generation %} markers; where it
     has none (almost every real template), the rows arrive tokenized with pipeline.chat's assistant masks, from
-    which trl builds the labels the same way."""
+    which trl builds the labels the same way. `replay` rows (plain text of a mixture) join the training rows
+    tokenized, with a mask over every token and EOS at the end, as pretraining saw them."""
+    import datasets
     from trl import SFTConfig, SFTTrainer
     from trl.chat_template_utils import has_generation_markers
 
     checkpoints = Path(cfg.output_dir) / "checkpoints"
     conversational = fmt == "messages" or (fmt == "prompt-completion" and isinstance(train_ds[0]["prompt"], list))
-    markers = conversational and has_generation_markers(tokenizer.chat_template)
-    if cfg.assistant_only_loss and fmt == "messages" and not markers:
-        train_ds, eval_ds = (None if ds is None else ds.map(
-            lambda row: assistant_token_mask(tokenizer, row["messages"]), remove_columns=["messages"],
-            desc="finding the assistant turns") for ds in (train_ds, eval_ds))  # fmt: skip
+    markers = conversational and has_generation_markers(tokenizer.chat_template) and replay is None
+    if fmt == "messages" and ((cfg.assistant_only_loss and not markers) or replay is not None):
+
+        def tokenized(row):
+            encoded = assistant_token_mask(tokenizer, row["messages"])
+            if not cfg.assistant_only_loss:
+                encoded["assistant_masks"] = [1] * len(encoded["input_ids"])
+            return encoded
+
+        train_ds, eval_ds = (None if ds is None else ds.map(tokenized, remove_columns=["messages"],
+                                                            desc="finding the assistant turns")
+                             for ds in (train_ds, eval_ds))  # fmt: skip
+    if replay is not None:
+        replay = replay.map(lambda row: replay_tokens(tokenizer, row["text"]), remove_columns=["text"],
+                            desc="tokenizing the replay text")  # fmt: skip
+        train_ds = datasets.concatenate_datasets([train_ds, replay.cast(train_ds.features)])
     with_eval = eval_ds is not None and cfg.train.eval_steps is not None
     args = SFTConfig(
         **training_kwargs(cfg.train, cfg.precision, checkpoints), max_length=cfg.max_length, packing=cfg.packing,
@@ -195,6 +234,15 @@ def build_trainer(cfg: SFTStageConfig, model, tokenizer, train_ds, eval_ds, fmt:
     )  # fmt: skip
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
+
+
+def replay_tokens(tokenizer, text: str) -> dict[str, list[int]]:
+    """A plain-text row as the pretrain stage reads a document (data.encode_and_pack): its tokens without special
+    tokens, then EOS; every token trained on."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids = ids + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
 
 
 def trained_text(tokenizer, input_ids: list[int], labels: list[int]) -> list[str]:
@@ -218,7 +266,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
     # --- check inputs before any compute (and before importing torch: bad data fails in ~2 s)
     started = time.time()
     out = Path(cfg.output_dir)
-    train_ds, fmt, conversational = load_sft_rows(cfg.data)
+    train_ds, fmt, conversational, replay = load_sft_rows(cfg.data)
     eval_ds = load_sft_rows(cfg.eval_data)[0] if cfg.eval_data is not None else None
     questions = generation_eval_rows(cfg)
     model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
@@ -241,12 +289,14 @@ def run(cfg: SFTStageConfig) -> dict | None:
         # Exactly len(tokenizer), no rounding up: peft resizes the base model to that size when it loads an
         # unmerged adapter folder (which then carries the embeddings), and the two must agree.
         model.resize_token_embeddings(len(tokenizer))
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, fmt)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds, fmt, replay)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     sample = trainer.train_dataset[0]
     log(
-        f"{fmt} data, {len(train_ds)} rows for training, {len(eval_ds) if eval_ds is not None else 0} held out; "
+        f"{fmt} data, {len(train_ds)} rows for training"
+        + (f" and {len(replay)} of plain text (replay)" if replay is not None else "")
+        + f", {len(eval_ds) if eval_ds is not None else 0} held out; "
         f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters trained"
         + (f"; LoRA r={cfg.lora.r}" if cfg.lora.enabled else ""),
         STAGE,
@@ -281,6 +331,7 @@ def run(cfg: SFTStageConfig) -> dict | None:
             "exact_match_before": match_before, "exact_match": match_after, "generation_examples": examples,
             "generation_eval_rows": len(questions), "train_samples": len(train_ds),
             "eval_samples": len(eval_ds) if eval_ds is not None else 0, "data_format": fmt,
+            "replay_samples": len(replay) if replay is not None else 0,
             "steps": result.global_step, "trainable_params": trainable, "total_params": total,
             "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge, "resumed_from": resume_from,
             **facts,
