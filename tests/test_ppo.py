@@ -269,9 +269,9 @@ def test_kl_placement_and_estimator_go_together():  # issue 19, item 4
     assert kl() < 0.2 * start, (start, kl())
 
 
-def test_the_update_does_not_depend_on_how_the_minibatch_is_split(tmp_path):  # issue 19, item 5
-    """Responses of 1 to 6 tokens: one optimizer step over the same minibatch gives the same weights with
-    micro-batches of 1, 2 or 4 (losses are summed over tokens and divided by the minibatch's token count)."""
+def _one_update(tmp_path, micro: int, on_policy: bool = False, kl_coef: float = 0.0):
+    """One optimizer step (SGD, lr 1) of a seeded 2-layer Llama on 4 responses of 1 to 6 tokens with fixed
+    advantages: (weights after, the scored dict). on_policy: no rollout log-probs given (ppo_update takes its own)."""
     from accelerate import Accelerator
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -286,25 +286,44 @@ def test_the_update_does_not_depend_on_how_the_minibatch_is_split(tmp_path):  # 
     batch = {"ids": torch.cat([prompt, responses], 1), "attention_mask": torch.cat([torch.ones_like(prompt), mask], 1),
              "context_length": 3, "responses": responses}  # fmt: skip
     advantages = torch.tensor([[1.0] * 6, [-2.0] * 6, [0.5] * 6, [-0.25] * 6]) * mask
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    models = Models(accelerator, model, None, None, "none")
+    with torch.no_grad():
+        old = ppo_core.token_logprobs(models.forward(batch, slice(None), 1.0, unwrapped=True)[0], responses)
+    reference = old - 0.1 * torch.arange(6.0)  # some KL to pull against
+    scored = {"mask": mask.float(), "old_logprobs": None if on_policy else old, "advantages": advantages,
+              "ref_logprobs": reference, "kl": torch.zeros(4, 6)}  # fmt: skip
+    train = PPOTrainConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=micro, grad_clip=0)
+    ppo_update(models, optimizer, batch, scored, 1.0, train, 0, tmp_path, kl_coef)
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), scored, old
 
-    def updated(micro: int) -> torch.Tensor:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config)
-        accelerator = Accelerator(cpu=True)
-        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-        models = Models(accelerator, model, None, None, "none")
-        with torch.no_grad():
-            old = ppo_core.token_logprobs(models.forward(batch, slice(None), 1.0, unwrapped=True)[0], responses)
-        scored = {"mask": mask.float(), "old_logprobs": old, "advantages": advantages}
-        train = PPOTrainConfig(ppo_epochs=1, num_minibatches=1, micro_batch_size=micro, grad_clip=0)
-        ppo_update(models, optimizer, batch, scored, 1.0, train, 0, tmp_path)
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
 
+def test_the_update_does_not_depend_on_how_the_minibatch_is_split(tmp_path):  # issue 19, item 5
+    """Responses of 1 to 6 tokens: one optimizer step over the same minibatch gives the same weights with
+    micro-batches of 1, 2 or 4 (losses are summed over tokens and divided by the minibatch's token count)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, pad_token_id=2, eos_token_id=1)  # fmt: skip
     start = torch.cat([p.flatten() for p in (torch.manual_seed(0), LlamaForCausalLM(config))[1].parameters()])
-    whole = updated(4)
+    whole = _one_update(tmp_path, 4)[0]
     assert not torch.allclose(whole, start)
     for micro in (1, 2):
-        assert torch.allclose(updated(micro), whole, atol=1e-6), micro
+        assert torch.allclose(_one_update(tmp_path, micro)[0], whole, atol=1e-6), micro
+
+
+def test_on_policy_update_without_the_scoring_pass_is_the_same_update(tmp_path):
+    """One optimizer step per rollout and no critic: ppo_update takes the rollout's log-probs from its own pass
+    (the scoring pass skips the policy) and gives the same weights, KL term included, and the rollout's KL."""
+    for kl_coef in (0.0, 0.5):
+        given, _, _ = _one_update(tmp_path, 2, kl_coef=kl_coef)
+        own, scored, old = _one_update(tmp_path, 2, on_policy=True, kl_coef=kl_coef)
+        assert torch.allclose(own, given, atol=1e-6), kl_coef
+    expected = ppo_core.kl_estimate(old, scored["ref_logprobs"], "k3") * scored["mask"]
+    assert torch.allclose(scored["kl"], expected, atol=1e-6) and scored["kl"].sum() > 0
 
 
 class _Tok:  # what rollout() reads from a tokenizer; pad 2, eos 1 as in _gpt2(), or pad == eos

@@ -198,6 +198,14 @@ class Models:
 # --- one step after the rollout: scoring, update, metrics -------------------------------------------------------
 
 
+def on_policy(models: Models, kl: KLSection, train: PPOTrainConfig) -> bool:
+    """One optimizer step per rollout batch, no critic and the KL in the loss: the update's forward pass runs on the
+    weights that sampled, so its log-probs (detached) are the rollout's, ratio 1, and the scoring pass skips the
+    policy (trl's GRPO with num_iterations 1 does the same; ~a sixth of a smollm2 recipe step)."""
+    return (train.ppo_epochs == 1 and train.num_minibatches == 1 and models.critic_source == "none"
+            and kl.placement == "loss")  # fmt: skip
+
+
 def score_rollout(
     models: Models, batch: dict, texts: list[str], raw_scores, kl_coef: float, rollout: RolloutSection,
     kl: KLSection, train: PPOTrainConfig,
@@ -209,22 +217,30 @@ def score_rollout(
 
     temperature = rollout.temperature
     responses, mask = batch["responses"], batch["mask"].float()
+    skip_policy = on_policy(models, kl, train)
     # one autocast for every pass (a frozen reference is not prepared, so Accelerate would leave it in fp32): with
     # policy == reference the KL is exactly 0 under bf16 too
     with torch.no_grad(), models.accelerator.autocast():
         old_logprobs, ref_logprobs, values = [], [], []
         for rows in torch.arange(len(responses)).split(train.micro_batch_size):
-            logits, rollout_values = models.forward(batch, rows, temperature, unwrapped=True)
-            old_logprobs.append(token_logprobs(logits, responses[rows]))
-            values.append(rollout_values)
+            if not skip_policy:
+                logits, rollout_values = models.forward(batch, rows, temperature, unwrapped=True)
+                old_logprobs.append(token_logprobs(logits, responses[rows]))
+                values.append(rollout_values)
             ref_logprobs.append(token_logprobs(models.reference_logits(batch, rows, temperature), responses[rows]))
-        old_logprobs, ref_logprobs, values = torch.cat(old_logprobs), torch.cat(ref_logprobs), torch.cat(values)
+        ref_logprobs = torch.cat(ref_logprobs)
+        if skip_policy:  # ppo_update takes the log-probs of its own (only) pass and fills in the KL
+            old_logprobs, values = None, torch.zeros_like(ref_logprobs)
+        else:
+            old_logprobs, values = torch.cat(old_logprobs), torch.cat(values)
         raw_scores = torch.as_tensor(raw_scores, dtype=torch.float32, device=responses.device)
         scores = raw_scores.clamp(-train.reward_clip, train.reward_clip) if train.reward_clip else raw_scores
         scores = penalise_missing_stop(scores, batch["has_stop"], rollout.missing_eos_penalty)
         if train.score_baseline == "loo":
             scores = leave_one_out(scores, rollout.samples_per_prompt)
-        kl_tokens = kl_estimate(old_logprobs, ref_logprobs, kl.estimator) * mask
+        kl_tokens = (
+            torch.zeros_like(mask) if skip_policy else kl_estimate(old_logprobs, ref_logprobs, kl.estimator) * mask
+        )
         reward_kl_coef = kl_coef if kl.placement == "reward" else 0.0  # placement loss: ppo_update adds it
         rewards = token_rewards(scores, kl_tokens, reward_kl_coef, batch["last_index"], mask)
         if train.whiten_rewards:
@@ -269,8 +285,13 @@ def ppo_update(
                 with accelerator.autocast():
                     logits, new_values = models.forward(batch, rows, temperature)
                 new_logprobs = token_logprobs(logits, responses[rows])
-                pg_loss, pg_stats = policy_loss(new_logprobs, scored["old_logprobs"][rows], scored["advantages"][rows],
-                                                mask[rows], train.clip_range, tokens)  # fmt: skip
+                if scored["old_logprobs"] is None:  # on_policy: this pass is the rollout's, and so is its KL
+                    old_logprobs = new_logprobs.detach()
+                    scored["kl"][rows] = kl_estimate(old_logprobs, scored["ref_logprobs"][rows], "k3") * mask[rows]
+                else:
+                    old_logprobs = scored["old_logprobs"][rows]
+                pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, scored["advantages"][rows], mask[rows],
+                                                train.clip_range, tokens)  # fmt: skip
                 as_mean = tokens / mask[rows].sum().clamp(min=1)  # logged terms: this micro-batch's token mean
                 loss, terms = pg_loss, {"pg_loss": pg_loss * as_mean, **pg_stats}
                 if kl_loss_coef:

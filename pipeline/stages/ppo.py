@@ -287,14 +287,15 @@ def run(cfg: PPOConfig) -> dict | None:
                 batch, indices = take_rows(batch, rows), [indices[r] for r in rows]
                 texts, raw_scores = [texts[r] for r in rows], raw_scores[rows]
         scored = score_rollout(models, batch, texts, raw_scores, kl_controller.coef, cfg.rollout, cfg.kl, train)
-        sequence_kl = accelerator.reduce(scored["kl"].sum(1).mean(), "mean").item()
-        if cfg.kl.max is not None and sequence_kl > cfg.kl.max:
-            raise guardrail(out / "checkpoints", step, f"KL to the reference {sequence_kl:.3f} > kl.max {cfg.kl.max}")
         t2 = time.perf_counter()
         kl_loss_coef = kl_controller.coef if cfg.kl.placement == "loss" else 0.0
         stats = ppo_update(models, optimizer, batch, scored, cfg.rollout.temperature, train, step, out / "checkpoints",
                            kl_loss_coef, ptx, cfg.ptx.coef)  # fmt: skip
         t3 = time.perf_counter()
+        # the rollout policy's KL (on_policy: measured in the update's own pass); the step is not saved past this
+        sequence_kl = accelerator.reduce(scored["kl"].sum(1).mean(), "mean").item()
+        if cfg.kl.max is not None and sequence_kl > cfg.kl.max:
+            raise guardrail(out / "checkpoints", step, f"KL to the reference {sequence_kl:.3f} > kl.max {cfg.kl.max}")
 
         row = step_metrics(models, batch, scored, stats, kl_controller.coef, drawn)
         generated = int(accelerator.reduce(torch.tensor(batch["generated_tokens"], device=device), "sum"))
