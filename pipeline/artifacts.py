@@ -194,9 +194,18 @@ def _is_default(cfg: Any, key: str, value: Any) -> bool:
     fields = {f.name: f for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else {}
     if name not in fields:
         return False
+    from pydantic.fields import FieldInfo
+    from pydantic_core import PydanticUndefined
+
     f = fields[name]
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return default is not dataclasses.MISSING and yaml.safe_load(yaml.safe_dump(default)) == value
+    if isinstance(default, FieldInfo):  # config.field: pydantic's Field
+        default = default.get_default(call_default_factory=True)
+    if default is dataclasses.MISSING or default is PydanticUndefined:
+        return False
+    if dataclasses.is_dataclass(default):
+        default = dataclasses.asdict(default)
+    return yaml.safe_load(yaml.safe_dump(default)) == value
 
 
 def check_resume_config(output_dir: str | Path, cfg: Any) -> None:

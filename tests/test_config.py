@@ -91,3 +91,27 @@ def test_help_describes_every_key():
     assert rows["train.lr"] == ("float", "0.0003", "Peak learning rate.")
     assert rows["output_dir"][1] == "required"
     assert all(help_text for _, _, help_text in rows.values())
+
+
+def test_a_key_added_later_at_its_default_is_not_a_change(tmp_path):
+    """A stage folder written before a key existed (its config.yaml lacks it) is unchanged while the key keeps its
+    default, and changed once it does not: upgrading llmpipe re-runs no finished stage by itself."""
+    import yaml
+
+    from pipeline.artifacts import config_changes
+    from pipeline.stages.ppo import PPOConfig
+
+    overrides = ["output_dir=out", "init_from=m", "reward_function=exact_match", f"data.path={tmp_path}"]
+    cfg = load_config(PPOConfig, None, overrides)
+    saved = yaml.safe_load(yaml.safe_dump(__import__("dataclasses").asdict(cfg)))
+    del saved["data"]["mix"], saved["data"]["mix_seed"], saved["rollout"]["oversample"], saved["ptx"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(tmp_path, cfg) == []
+    changed = load_config(
+        PPOConfig, None, [*overrides, "rollout.oversample=2", "rollout.samples_per_prompt=2", "data.mix_seed=3"]
+    )
+    assert [c[0] for c in config_changes(tmp_path, changed)] == [
+        "data.mix_seed",
+        "rollout.oversample",
+        "rollout.samples_per_prompt",
+    ]
