@@ -122,3 +122,20 @@ def launch_facts(accelerator, model) -> dict:
         "mixed_precision": str(accelerator.mixed_precision),
         "param_checksum_by_rank": checksums,
     }
+
+
+def on_every_rank(items: list, fn, accelerator) -> list:
+    """`fn(share) -> one result per item` over this process's share of `items` (every world-th), results gathered in
+    item order on every process. The shares are padded to one length with copies of an item, so that every process
+    makes the same forward calls: under ZeRO-3 each forward gathers the parameters collectively, and a process
+    that made one call fewer would leave the others waiting (issue 19: reward hung after training)."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world == 1:
+        return list(fn(items))
+    mine = list(range(rank, len(items), world))
+    length = -(-len(items) // world)
+    padded = mine + [mine[0] if mine else 0] * (length - len(mine))
+    results = list(fn([items[i] for i in padded]))[: len(mine)]
+    return [result for _, result in sorted(gather_object(list(zip(mine, results, strict=True))))]

@@ -381,6 +381,38 @@ def test_rows_taken_from_a_rollout_keep_their_tokens_and_log_probs():
     assert take_rows(batch, [0, 2])["ids"].tolist() == batch["ids"][[0, 2]].tolist()  # the longest prompt: no trim
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_samples_of_one_prompt_share_its_encoding_and_sample_the_same(family, monkeypatch):
+    """rollout(group=n) encodes each prompt once for its n samples and repeats the KV cache: with left padding
+    (prompts of 1 to 6 tokens), greedy answers and seeded samples are those of the plain batch."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import generation
+    from pipeline.generation import rollout
+
+    encoded = []
+    plain = generation.prompt_cache
+    counted = lambda model, p, m, g: encoded.append(len(p)) or plain(model, p, m, g)  # noqa: E731
+    monkeypatch.setattr(generation, "prompt_cache", counted)
+    if family == "gpt2":
+        model = _gpt2()
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, pad_token_id=2, eos_token_id=1)  # fmt: skip
+        model = LlamaForCausalLM(config).eval()
+    prompts = [p for p in ([5, 6, 7, 8, 9, 10], [5], [7, 8, 9]) for _ in range(4)]
+    for greedy in (True, False):
+        runs = []
+        for group in (1, 4):
+            torch.manual_seed(3)
+            runs.append(rollout(model, _Tok(), prompts, max_new_tokens=6, temperature=1.0, greedy=greedy, group=group))
+        assert runs[0]["responses"].tolist() == runs[1]["responses"].tolist(), (family, greedy)
+        assert runs[0]["mask"].tolist() == runs[1]["mask"].tolist()
+    assert len({tuple(r) for r in runs[1]["responses"][:4].tolist()}) > 1, "the samples of one prompt differ"
+    assert encoded == [12, 12], "group=4: the prompt cache was built (once per call, 3 prompts repeated in it)"
+
+
 def test_pad_equal_to_eos_keeps_the_stop_token_in_the_mask():  # A2
     """With pad == EOS (Llama 3, SmolLM): the first EOS is kept and trained on, the padding after it is not."""
     kept, mask, has_stop, last = ppo_core.truncate_after_stop(torch.tensor([[5, 1, 1, 1], [5, 6, 7, 8]]), [1], 1)

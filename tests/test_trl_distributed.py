@@ -106,3 +106,25 @@ def test_deepspeed_zero2_on_two_cpu_processes(stage, tmp_path, base_model, pairs
     assert result.returncode == 0, result.stderr[-4000:]
     assert manifest_metrics(two)["distributed_type"] == "DEEPSPEED"
     check_same_training(two, one_process(stage), base_model, tolerance=0.3)
+
+
+@pytest.mark.slow
+def test_reward_under_zero3_evaluates_on_every_rank_and_saves_full_weights(tmp_path, base_model, pairs, one_process):  # noqa: F811
+    """Issue 19, item 1: under ZeRO-3 the reward stage used to hang after training (rank 0 scored the held-out
+    pairs alone while the weights were sharded). Now both ranks score their share and gather the weights: the
+    saved model is whole, reloads, and trained like one process."""
+    from transformers import AutoModelForSequenceClassification
+
+    three = tmp_path / "zero3"
+    result = launch("cpu_2proc_zero3.yaml", [*stage_args("reward", three, base_model, pairs), *TWO_PROCESSES], 1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics, one = manifest_metrics(three), one_process("reward")
+    assert metrics["zero_stage"] == 3 and metrics["steps"] == STEPS and metrics["heldout_pairs"] == 32
+    w3, w1, w0 = weights(three), weights(one), weights(base_model)
+    assert {k: v.shape for k, v in w3.items()} == {k: v.shape for k, v in w1.items()}
+    shared = [k for k in w1 if k in w0]
+    apart = sum(((w3[k] - w1[k]) ** 2).sum() for k in shared) ** 0.5
+    moved = sum(((w1[k] - w0[k]) ** 2).sum() for k in shared) ** 0.5
+    assert moved > 0 and apart / moved < 0.3, f"ZeRO-3 weights differ by {apart / moved:.2f} of the update"
+    assert abs(metrics["heldout_pair_accuracy"] - manifest_metrics(one)["heldout_pair_accuracy"]) <= 0.1
+    AutoModelForSequenceClassification.from_pretrained(three / "model")

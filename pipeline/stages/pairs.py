@@ -144,7 +144,7 @@ def run(cfg: PairsConfig) -> dict | None:
     for start in tqdm(batches, desc=f"sampling {n} answers per prompt", disable=not state.is_main_process):
         chunk = ids[start : start + cfg.batch_size]
         batch = rollout(model, tokenizer, [p for p in chunk for _ in range(n)], cfg.max_new_tokens, cfg.temperature,
-                        cfg.top_p)  # fmt: skip
+                        cfg.top_p, group=n)  # fmt: skip
         texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
         finished = batch["has_stop"].tolist()
         for k in range(len(chunk)):

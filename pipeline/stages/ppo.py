@@ -272,7 +272,8 @@ def run(cfg: PPOConfig) -> dict | None:
         torch.manual_seed(step_seed(train.seed, step, rank))
         with accelerator.autocast():  # sampled in the precision the log-probs are computed in
             batch = rollout(models.causal_lm(), tokenizer, [prompt_ids[i] for i in indices],
-                            cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)  # fmt: skip
+                            cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                            group=n_samples)  # fmt: skip
         t1 = time.perf_counter()
         texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
         scores = scorer([prompts[i] for i in indices], texts, references=[references[i] for i in indices])

@@ -16,7 +16,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.config import DataConfig, config, field
 from pipeline.data import stage_inputs
-from pipeline.distributed import is_main_process, launch_facts
+from pipeline.distributed import is_main_process, launch_facts, on_every_rank
 from pipeline.modeling import load_pretrained, model_and_tokenizer, save_model
 from pipeline.rewards import score_pairs
 from pipeline.tracking import log
@@ -58,14 +58,23 @@ Config = RewardConfig
 # --- held-out pairs ---------------------------------------------------------------------------------------------
 
 
-def pair_metrics(model, tokenizer, ds) -> dict:
+def pair_metrics(model, tokenizer, ds, accelerator) -> dict:
+    """Held-out pair accuracy and margins; every process scores its share (distributed.on_every_rank) and all get
+    the same numbers."""
     if "prompt" in ds.column_names:
         prompts = ds["prompt"]
     else:  # implicit prompt: the whole exchange is in chosen/rejected
         prompts = [[] if isinstance(c, list) else "" for c in ds["chosen"]]
-    chosen = score_pairs(model, tokenizer, prompts, ds["chosen"])
-    rejected = score_pairs(model, tokenizer, prompts, ds["rejected"])
-    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    rows = list(zip(prompts, ds["chosen"], ds["rejected"], strict=True))
+
+    def margins_of(share: list) -> list[float]:
+        asked = [p for p, _, _ in share]
+        chosen = score_pairs(model, tokenizer, asked, [c for _, c, _ in share])
+        rejected = score_pairs(model, tokenizer, asked, [r for _, _, r in share])
+        return [(c, c - r) for c, r in zip(chosen, rejected, strict=True)]
+
+    scored = on_every_rank(rows, margins_of, accelerator)
+    chosen, margins = [c for c, _ in scored], [m for _, m in scored]
     return {
         "pair_accuracy": sum(m > 0 for m in margins) / len(margins),
         "mean_margin": sum(margins) / len(margins),
@@ -107,17 +116,19 @@ def run(cfg: RewardConfig) -> dict | None:
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out", STAGE)
-    before = pair_metrics(trainer.model, tokenizer, eval_ds) if trainer.is_world_process_zero() else {}
+    before = pair_metrics(trainer.model, tokenizer, eval_ds, trainer.accelerator)
     trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     result = trainer.train(resume_from_checkpoint=resume_from)
     trainer.model.train(False)
 
-    # --- save and measure on the held-out pairs
+    # --- measure on the held-out pairs and save: every rank takes part in both (ZeRO-3 shards the weights)
     metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
+    after = pair_metrics(trainer.model, tokenizer, eval_ds, trainer.accelerator)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.is_world_process_zero():
-        after = pair_metrics(trainer.model, tokenizer, eval_ds)
         with atomic_dir(out / "model") as tmp:
-            save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp, generation=False)
+            save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp, generation=False,
+                       state_dict=state_dict)  # fmt: skip
         metrics = {
             "train_loss": result.training_loss, "steps": result.global_step,
             "heldout_pair_accuracy": after["pair_accuracy"], "heldout_mean_margin": after["mean_margin"],
