@@ -1,13 +1,16 @@
 """PPO rollout throughput against bare `model.generate`, and where a PPO step's time goes, in one run.
 
     python bench/ppo.py [--model runs/tiny/sft --reward runs/tiny/reward] [--batch 32 --max-new-tokens 16]
+    python bench/ppo.py --model runs/smollm2-135m/sft --prompts data/smollm2/train.jsonl --samples 4 \
+        --batch 96 --max-new-tokens 8 --only-groups       # the smollm2 recipe's rollout: shared prompt encoding
 
 Rollout: the stage's `rollout()` (left padding, generate with KV cache, cut after the stop token, the tensors the
 scoring pass needs) against a bare `model.generate` call on the same left-padded batch with the same sampling
 settings and seed, so both produce the same tokens. Sides alternate which goes first; best of --trials kept (this
 2-core VM varies by +-10% between runs of the same loop). Step split: the real stage for --steps steps on the
 same model and prompts (tiny preset config), its per-step rollout / scoring / update clocks from metrics.jsonl,
-step 1 left out (warm-up).
+step 1 left out (warm-up). With --samples n: --batch / n prompts, n samples each, rollout(group=n) (each prompt
+encoded once, its KV cache repeated) against rollout() encoding every copy; the same seed gives the same tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import DataConfig, load_config  # noqa: E402
+from pipeline.formats import load_prompt_rows  # noqa: E402
 from pipeline.generation import encode_prompts, generation_config, rollout  # noqa: E402
 from pipeline.modeling import load_tokenizer, resolve_model_path  # noqa: E402
 from pipeline.stages import ppo  # noqa: E402
@@ -49,7 +53,7 @@ def rollout_speed(args) -> dict:
     path = resolve_model_path(args.model)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = load_tokenizer(path)
-    prompts = ppo.load_prompts(ppo.DataConfig(path=args.prompts))[: args.batch]
+    prompts = [row["prompt"] for row in load_prompt_rows(DataConfig(path=args.prompts), None, False)][: args.batch]
     prompt_ids = encode_prompts(tokenizer, prompts)
     settings = ppo.RolloutSection(max_new_tokens=args.max_new_tokens)
     best = {"ours": 0.0, "generate": 0.0}
@@ -71,6 +75,32 @@ def rollout_speed(args) -> dict:
                 best[side] = max(best[side], n / seconds)
     assert all(t["ours"] == t["generate"] for t in tokens.values()), f"the two sides sampled differently: {tokens}"
     return {"ours": best["ours"], "generate": best["generate"], "ratio": best["ours"] / best["generate"]}
+
+
+def group_speed(args) -> dict:
+    """rollout(group=n) against group=1 on batch / n prompts repeated n times: seconds per rollout, best of trials."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = load_tokenizer(path, pad_with_eos=True)
+    rows = load_prompt_rows(DataConfig(path=args.prompts), None, False)[: args.batch // args.samples]
+    prompts = [row["prompt"] for row in rows]
+    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts) for _ in range(args.samples)]
+    best = {1: float("inf"), args.samples: float("inf")}
+    responses = {}
+    for trial in range(args.trials + 1):  # trial 0 warms up
+        for group in (1, args.samples) if trial % 2 else (args.samples, 1):
+            torch.manual_seed(trial)
+            start = time.perf_counter()
+            batch = rollout(model, tokenizer, prompt_ids, args.max_new_tokens, 1.0, 1.0, group=group)
+            seconds = time.perf_counter() - start
+            responses.setdefault(trial, {})[group] = batch["responses"].tolist()
+            if trial:
+                best[group] = min(best[group], seconds)
+    same = sum(r[1] == r[args.samples] for r in responses.values())
+    return {"plain": best[1], "shared": best[args.samples], "ratio": best[1] / best[args.samples],
+            "same_tokens": f"{same} of {len(responses)} rollouts"}  # fmt: skip
 
 
 def step_split(args) -> dict:
@@ -96,8 +126,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=1, help="samples per prompt: time shared prompt encoding")
+    parser.add_argument("--only-groups", action="store_true", help="with --samples: only that table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+
+    if args.samples > 1:
+        groups = group_speed(args)
+        print(f"| rollout of {args.batch // args.samples} prompts x {args.samples} samples | seconds |\n|---|---|")
+        print(f"| every copy of a prompt encoded (group=1) | {groups['plain']:.3f} |")
+        print(f"| each prompt encoded once (group={args.samples}) | {groups['shared']:.3f} |")
+        print(
+            f"speed-up (group=1 / group={args.samples}): {groups['ratio']:.2f}x; same tokens: {groups['same_tokens']}"
+        )
+        if args.only_groups:
+            return
 
     speed = rollout_speed(args)
     print("| rollout | tokens/s |\n|---|---|")

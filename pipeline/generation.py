@@ -103,7 +103,7 @@ def rollout(
         prompt_ids[i] == prompt_ids[i - i % group] for i in range(len(prompt_ids))
     ) and len(prompt_ids) % group == 0  # fmt: skip
     with torch.no_grad(), only_these_settings(model):
-        cache = {"past_key_values": prompt_cache(model, prompts, prompt_mask, group)} if shared else {}
+        cache = {cache_keyword(model): prompt_cache(model, prompts, prompt_mask, group)} if shared else {}
         output = model.generate(input_ids=prompts, attention_mask=prompt_mask, generation_config=gen_config, **cache)
     generated = output[:, width:]
     responses, mask, has_stop, last_index = truncate_after_stop(generated, stops, pad)
@@ -125,9 +125,17 @@ def prompt_cache(model, prompts, prompt_mask, group: int):
 
     unique, mask = prompts[::group, :-1], prompt_mask[::group, :-1]
     out = model(input_ids=unique, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
     cache.batch_repeat_interleave(group)
     return cache
+
+
+def cache_keyword(model) -> str:
+    """What generate calls a prefilled KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    import inspect
+
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(owner.forward).parameters else "past_key_values"
 
 
 def take_rows(batch: dict, rows: list[int]) -> dict:
