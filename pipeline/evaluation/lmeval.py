@@ -100,7 +100,8 @@ def _filter(filters: list, problems: list[str]) -> dict:
 
 def lmeval_task_config(spec: TaskSpec) -> dict:
     """The task as an lm-evaluation-harness YAML mapping (local data as its `json`/`parquet` builder), so both
-    tools can be run on the same documents and shots."""
+    tools can be run on the same documents and shots. chat_doc_to_text has no lm-eval key and is left out: lm-eval's
+    chat mode asks doc_to_text."""
     from pipeline.evaluation.tasks import DATA_FORMATS
 
     out: dict[str, Any] = {"task": spec.task, "output_type": spec.output_type}
