@@ -126,9 +126,10 @@ def launch_facts(accelerator, model) -> dict:
 
 def on_every_rank(items: list, fn, accelerator) -> list:
     """`fn(share) -> one result per item` over this process's share of `items` (every world-th), results gathered in
-    item order on every process. The shares are padded to one length with copies of an item, so that every process
-    makes the same forward calls: under ZeRO-3 each forward gathers the parameters collectively, and a process
-    that made one call fewer would leave the others waiting (issue 19: reward hung after training)."""
+    item order on every process. The shares are padded to one length with copies of an item, so that a `fn` that
+    batches by count makes the same forward calls on every process: under ZeRO-3 each forward gathers the
+    parameters collectively, and a process that made one call fewer would leave the others waiting (issue 19:
+    reward hung after training). Generation needs more: its number of steps depends on when answers stop."""
     from accelerate.utils import gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes

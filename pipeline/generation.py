@@ -187,19 +187,20 @@ def heldout_exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int)
 def heldout_metrics(model, tokenizer, rows: list[dict], scorers: dict, max_new_tokens: int, accelerator) -> dict:
     """One greedy answer per held-out question (`question`, `answer` rows): its exact match (greedy_exact_match),
     the mean of each `scorers[name](prompts, texts, references)` under its name (e.g. "reward"), and the share of
-    answers without a stop token. Every process answers its share (no process waits at a collective while another
-    evaluates) and all get the same numbers."""
-    from accelerate.utils import gather_object
+    answers without a stop token. Every process answers its share (distributed.on_every_rank: no process waits at
+    a collective while another evaluates) and all get the same numbers."""
+    from pipeline.distributed import on_every_rank
 
-    rank, world = accelerator.process_index, accelerator.num_processes
-    mine = list(range(len(rows)))[rank::world]
-    answers = greedy_answers(model, tokenizer, [rows[i]["question"] for i in mine], max_new_tokens)
-    questions, references = [as_messages(rows[i]["question"]) for i in mine], [rows[i]["answer"] for i in mine]
-    scores = [scorer(questions, answers["texts"], references) if mine else [] for scorer in scorers.values()]
-    per_row = list(zip(*scores, strict=True)) if scores else [()] * len(mine)  # a rank can have no rows
-    answered = sorted(gather_object(list(zip(mine, answers["texts"], answers["stopped"], per_row, strict=True))))
-    texts, stopped = [a[1] for a in answered], [a[2] for a in answered]
+    def answer(share: list[dict]) -> list[tuple]:
+        answers = greedy_answers(model, tokenizer, [r["question"] for r in share], max_new_tokens)
+        questions, references = [as_messages(r["question"]) for r in share], [r["answer"] for r in share]
+        scores = [scorer(questions, answers["texts"], references) for scorer in scorers.values()]
+        per_row = list(zip(*scores, strict=True)) if scores else [()] * len(share)
+        return list(zip(answers["texts"], answers["stopped"], per_row, strict=True))
+
+    answered = on_every_rank(rows, answer, accelerator)
+    texts, stopped = [a[0] for a in answered], [a[1] for a in answered]
     match, examples = greedy_exact_match(rows, texts)
-    means = {name: sum(a[3][k] for a in answered) / len(rows) for k, name in enumerate(scorers)}
+    means = {name: sum(a[2][k] for a in answered) / len(rows) for k, name in enumerate(scorers)}
     return {"exact_match": match, **means, "no_eos_share": stopped.count(False) / len(rows), "examples": examples,
-            "processes": world}  # fmt: skip
+            "processes": accelerator.num_processes}  # fmt: skip

@@ -198,6 +198,8 @@ def test_a_mixture_replays_plain_text_on_every_token(tmp_path, base_model):
     pairs = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "2 + 3 =", "completion": " 5"}])
     refused = run_cli(*sft_args(tmp_path / "no", base_model, f"data.path=[{pairs},{text}]", "data.mix=[1.0,3]"))
     assert refused.returncode == 2 and "plain-text sources mix only with `messages`" in refused.stderr, refused.stderr
+    refused = run_cli(*sft_args(tmp_path / "no", base_model, f"data.path=[{chats},{pairs}]", "data.mix=[1.0,1.0]"))
+    assert refused.returncode == 2 and "the sources are in different formats" in refused.stderr, refused.stderr
     refused = run_cli(*sft_args(tmp_path / "no", base_model, f"data.path=[{chats},{text}]", "data.mix=[1.0]"))
     assert refused.returncode == 2 and "data.mix: 1 weight(s) for 2 path(s)" in refused.stderr, refused.stderr
     assert not (tmp_path / "no").exists()

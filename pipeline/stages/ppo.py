@@ -370,10 +370,10 @@ def ptx_batches(cfg: PPOConfig, docs, tokenizer, world: int, rank: int, device):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else tokenizer.name_or_path
     packed = pack_dataset(docs, tokenizer, cfg.ptx.block_size, fingerprint).with_format("numpy")
-    blocks = np.asarray(packed["input_ids"]) if len(packed) else None
-    if blocks is None:
+    if not len(packed):
         raise UserError(f"ptx.data: {cfg.ptx.data.path} holds fewer tokens than one block of ptx.block_size "
                         f"{cfg.ptx.block_size}")  # fmt: skip
+    blocks = np.asarray(packed["input_ids"])
     sampler = BlockSampler(len(blocks), cfg.train.seed, cfg.ptx.batch_size, world, 1)
     return lambda update: torch.as_tensor(blocks[sampler.indices(update, 0, rank)], device=device).long()
 

@@ -155,16 +155,21 @@ def load_sft_rows(data: DataConfig) -> tuple:
     for path, ds, rows in load_mixture(data, required=[]):
         source = dataclasses.replace(data, path=path, mix=None)
         parts.append((path, *_checked(ds, source, rows)))
-    formats = {fmt for _, _, fmt, _ in parts}
-    if len(formats) == 1 or "text" not in formats:
-        merged = concatenate_sources([(path, ds) for path, ds, _, _ in parts])
-        return (*_checked(merged, data, None), None)
-    if formats != {"messages", "text"}:
-        shown = ", ".join(f"{path} ({fmt})" for path, _, fmt, _ in parts)
-        raise UserError(f"data.mix: plain-text sources mix only with `messages` conversations; got {shown}")
-    chats = concatenate_sources([(path, ds) for path, ds, fmt, _ in parts if fmt == "messages"])
-    replay = concatenate_sources([(path, ds) for path, ds, fmt, _ in parts if fmt == "text"])
-    return chats, "messages", True, replay
+    # every row was checked in its source: the sources need only agree on a format (or be text beside messages)
+    kinds = {(fmt, conversational) for _, _, fmt, conversational in parts}
+    formats = {fmt for fmt, _ in kinds}
+    shown = ", ".join(f"{path} ({fmt}{', conversational' if conv else ''})" for path, _, fmt, conv in parts)
+    if "text" in formats and len(formats) > 1:
+        if formats != {"messages", "text"}:
+            raise UserError(f"data.mix: plain-text sources mix only with `messages` conversations; got {shown}")
+        chats = concatenate_sources([(path, ds) for path, ds, fmt, _ in parts if fmt == "messages"])
+        replay = concatenate_sources([(path, ds) for path, ds, fmt, _ in parts if fmt == "text"])
+        return chats, "messages", True, replay
+    if len(kinds) > 1:
+        raise UserError(f"data.mix: the sources are in different formats ({shown}); give them one trl format, or "
+                        "plain text beside `messages` conversations")  # fmt: skip
+    ((fmt, conversational),) = kinds
+    return concatenate_sources([(path, ds) for path, ds, _, _ in parts]), fmt, conversational, None
 
 
 def _checked(ds, data: DataConfig, rows) -> tuple:
