@@ -31,6 +31,21 @@ def deepspeed_launch() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
+def join_deepspeed_comm() -> None:
+    """In a DeepSpeed launch on CPU, set up deepspeed.comm now (on a GPU Accelerate does it). A model that
+    transformers builds while a ZeRO-3 config is active (trl's DPO reference, loaded from its path after the trl
+    config exists) is partitioned at load by `deepspeed.zero.Init`, which reads the world size from deepspeed.comm:
+    unset, it takes 1 and refuses the batch size ("train_batch_size is not equal to ... * world_size"). With
+    torch.distributed already up, DeepSpeed adopts its process group; otherwise it starts one (gloo) that
+    Accelerate adopts later."""
+    if not deepspeed_launch() or world_size() == 1 or on_gpu():
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+
+
 def resolve_precision(precision: str) -> str:
     """Accelerate's mixed_precision ("no", "bf16", "fp16") for a config's `precision` (auto, fp32, bf16, fp16); the
     one rule for our loops and trl's trainers. auto: under DeepSpeed bf16 on a GPU that has it (the launch's JSON

@@ -6,13 +6,14 @@ Loading is safe by default: safetensors only, `trust_remote_code` off unless the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
 
 from pipeline import gguf
 from pipeline.artifacts import MANIFEST, atomic_write_text
-from pipeline.config import UserError, config, field
+from pipeline.config import StageFailed, UserError, config, field
 
 # Architectures that share Llama's config fields; pick one with model.family.
 FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}
@@ -166,13 +167,67 @@ def save_model(
     the generation config (stop at EOS and end-of-turn); LoRA adapters merged into the weights when asked.
     `state_dict`: the weights gathered from every rank (accelerator.get_state_dict) where they are sharded."""
     if merge and hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        if state_dict is not None and _partitioned(model):
+            model = _whole_copy(model, state_dict)  # ZeRO-3: this rank holds a shard; merge a gathered copy
+        model, state_dict = model.merge_and_unload(), None  # the merged model's own weights are the whole ones
+    if state_dict is not None:
+        state_dict = _without_tied_copies(model, state_dict)
     model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     if generation:
         from pipeline.generation import generation_config
 
         generation_config(tokenizer).save_pretrained(folder)
+
+
+def _without_tied_copies(model, state_dict: dict) -> dict:
+    """A gathered state dict without the second name of tied weights (an LM head tied to the embeddings):
+    gathering clones tensors (DeepSpeed), so save_pretrained can no longer see that they are one and would write
+    both. The model's own parameters say which names share a tensor."""
+    first: dict[int, str] = {}
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            copies.add(name)
+        first.setdefault(id(param), name)
+    return {key: value for key, value in state_dict.items() if key not in copies}
+
+
+def _partitioned(model) -> bool:
+    """Parameters split across ranks by ZeRO-3 (each holds a shard; the module's tensors are empty here)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _whole_copy(peft_model, state_dict: dict):
+    """A LoRA model rebuilt on this process from weights gathered from every rank: the same architecture and
+    adapter config, outside DeepSpeed (a ZeRO-3 config in force would partition it again at construction)."""
+    from peft import get_peft_model
+
+    base = peft_model.get_base_model()
+    dtype = next(iter(state_dict.values())).dtype
+    with whole_weights():
+        copy = get_peft_model(type(base)(base.config).to(dtype), peft_model.peft_config[peft_model.active_adapter])
+    missing, unexpected = copy.load_state_dict(state_dict, strict=False)
+    loaded = {copy.state_dict()[k].data_ptr() for k in state_dict if k in copy.state_dict()}
+    untied = [k for k in missing if copy.state_dict()[k].data_ptr() not in loaded]  # tied weights come once
+    if unexpected or untied:
+        raise StageFailed(f"gathered weights do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
+    return copy
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Build or load models whole on this process, even where a ZeRO-3 config is in force (transformers then
+    partitions every model it constructs, `deepspeed.zero.Init`). For copies gathered from the ranks, and for
+    models DeepSpeed will not prepare (a frozen reference or reward model: each process keeps a full copy)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def model_context_length(cfg: ModelConfig) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.artifacts import check_resume_config
 from pipeline.config import UserError, config, field
-from pipeline.distributed import on_gpu, resolve_precision
+from pipeline.distributed import join_deepspeed_comm, on_gpu, resolve_precision
 
 
 @config
@@ -30,7 +30,10 @@ class TrlTrainConfig:
 
 def training_kwargs(train: TrlTrainConfig, precision: str, checkpoints: Path) -> dict:
     """Keyword arguments every trl config takes. trl defaults to bf16 and refuses a CPU without use_cpu=True,
-    and with use_cpu alone keeps bf16 autocast on (2.3x slower here): both are set explicitly."""
+    and with use_cpu alone keeps bf16 autocast on (2.3x slower here): both are set explicitly. Called before the
+    trl config is made, so it also readies DeepSpeed's communication for models loaded after it
+    (distributed.join_deepspeed_comm)."""
+    join_deepspeed_comm()
     mixed = resolve_precision(precision)
     return dict(
         output_dir=str(checkpoints), seed=train.seed, learning_rate=train.lr, max_steps=train.max_steps,
@@ -121,10 +124,28 @@ def generation_eval_rows(cfg) -> list[dict]:
     return load_reference_answers(cfg.generation_eval, cfg.generation_eval_max)
 
 
-def generation_eval(model, tokenizer, rows: list[dict], max_new_tokens: int) -> tuple[float | None, list[dict]]:
-    """Greedy exact match on the generation_eval rows and three examples; (None, []) without rows."""
+def generation_eval(model, tokenizer, rows: list[dict], max_new_tokens: int, accelerator) -> tuple[float | None, list]:
+    """Greedy exact match on the generation_eval rows and three examples; (None, []) without rows. Every process
+    answers its share and all get the numbers (generation.heldout_metrics): under ZeRO-3 each forward gathers the
+    weights from every rank, so no process may evaluate alone."""
     if not rows:
         return None, []
-    from pipeline.generation import heldout_exact_match
+    from pipeline.generation import heldout_metrics
 
-    return heldout_exact_match(model, tokenizer, rows, max_new_tokens)
+    found = heldout_metrics(model, tokenizer, rows, {}, max_new_tokens, accelerator)
+    return found["exact_match"], found["examples"]
+
+
+def save_trained(trainer, tokenizer, folder: Path, merge: bool, generation: bool = True) -> None:
+    """Write a trl trainer's model to `folder` atomically (modeling.save_model). Every process must call it: the
+    weights are gathered from all ranks first (accelerator.get_state_dict), which ZeRO-3 needs (each rank holds a
+    shard) and is a plain state_dict elsewhere; the main process writes."""
+    from pipeline.artifacts import atomic_dir
+    from pipeline.modeling import save_model
+
+    accelerator = trainer.accelerator
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    if accelerator.is_main_process:
+        with atomic_dir(folder) as tmp:
+            save_model(accelerator.unwrap_model(trainer.model), tokenizer, tmp, merge, generation, state_dict)
+    accelerator.wait_for_everyone()

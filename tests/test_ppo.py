@@ -290,7 +290,7 @@ def _one_update(tmp_path, micro: int, on_policy: bool = False, kl_coef: float = 
     model = LlamaForCausalLM(config)
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
-    models = Models(accelerator, model, None, None, "none")
+    models = Models(accelerator, model, None, "none")
     with torch.no_grad():
         old = ppo_core.token_logprobs(models.forward(batch, slice(None), 1.0, unwrapped=True)[0], responses)
     reference = old - 0.1 * torch.arange(6.0)  # some KL to pull against
@@ -586,6 +586,50 @@ def test_two_processes_with_ptx_and_dynamic_sampling(tmp_path, tiny_policy, prom
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
     assert metrics["world_size"] == 2 and metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
     assert all(math.isfinite(r["ptx_loss"]) and "trained_signal_share" in r for r in history(out))
+
+
+DEEPSPEED_CASES = {  # (launch config, LoRA): ZeRO-3 with full weights and with LoRA, ZeRO-2 with full weights
+    "zero3": ("cpu_2proc_zero3.yaml", False),
+    "zero3_lora": ("cpu_2proc_zero3.yaml", True),
+    "zero2": ("cpu_2proc_zero2.yaml", False),
+}
+
+
+@pytest.mark.slow  # ~2 min: two launches
+@pytest.mark.parametrize("case", list(DEEPSPEED_CASES))
+def test_deepspeed_trains_like_ddp(case, tmp_path, tiny_policy, prompts, rule_reward_path):  # issue 19, item 1
+    """The default critic (a separate model) under DeepSpeed: DeepSpeed refuses two models under one Accelerator,
+    so the policy and its critic are one module, one engine. The same two-process layout under plain DDP samples
+    the same prompts and answers from the same seeds: the DeepSpeed run must score the same first step, evaluate
+    on both ranks with the same numbers, save whole weights that reload, and end near the DDP weights (gradient
+    clipping off: DeepSpeed clips policy and critic together, DDP each apart). Measured: at most 6e-7 apart."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    launch_config, lora = DEEPSPEED_CASES[case]
+    questions = write_jsonl(tmp_path / "heldout.jsonl", [{"question": f"Tell me about the owl ({i}).", "answer": "e"}
+                                                         for i in range(6)])  # fmt: skip
+    args = ["train.steps=2", "train.ppo_epochs=2", "train.grad_clip=0", "checkpoint_every=1", f"lora.enabled={lora}",
+            "lora.dropout=0", f"eval_data.path={questions}", "eval_max_new_tokens=4"]  # fmt: skip
+    runs = {}
+    for name, layout in (("ddp", "cpu_2proc.yaml"), ("deepspeed", launch_config)):
+        out = tmp_path / name
+        result = launch(layout, ppo_args(out, tiny_policy, prompts, *args), 900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[name] = (json.loads((out / "manifest.json").read_text())["metrics"], history(out), out)
+    (ddp, ddp_rows, ddp_out), (deep, deep_rows, deep_out) = runs["ddp"], runs["deepspeed"]
+    assert deep["distributed_type"] == "DEEPSPEED" and deep["zero_stage"] == (3 if "zero3" in case else 2)
+    assert deep["first_step_prompts_by_rank"] == ddp["first_step_prompts_by_rank"]
+    assert math.isclose(deep_rows[0]["reward"], ddp_rows[0]["reward"], abs_tol=1e-6), "same first samples"
+    assert deep["heldout_before"] == ddp["heldout_before"] and deep["heldout_before"]["processes"] == 2
+    w_deep, w_ddp = load_file(deep_out / "model/model.safetensors"), load_file(ddp_out / "model/model.safetensors")
+    w0 = load_file(tiny_policy / "model.safetensors")
+    assert {k: v.shape for k, v in w_deep.items()} == {k: v.shape for k, v in w_ddp.items()}, "saved weights not whole"
+    apart = sum(((w_deep[k] - w_ddp[k]) ** 2).sum() for k in w0) ** 0.5
+    moved = sum(((w_ddp[k] - w0[k]) ** 2).sum() for k in w0) ** 0.5
+    assert moved > 0 and apart / moved < 0.01, f"DeepSpeed weights differ by {apart / moved:.2f} of the update"
+    assert sorted(p.name for p in (deep_out / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
+    AutoModelForCausalLM.from_pretrained(deep_out / "model")
 
 
 @pytest.mark.parametrize("value_model, lora", [("policy", False), ("head", False), ("none", False), ("head", True),

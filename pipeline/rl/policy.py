@@ -23,6 +23,8 @@ def keeps_logits(model) -> bool:
             inner = inner.get_base_model()
         elif hasattr(inner, "module"):
             inner = inner.module
+        elif hasattr(inner, "critic_parameters"):  # the policy joined with its critic (with_critic, with_value_head)
+            inner = inner.policy
         else:
             break
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
@@ -61,12 +63,6 @@ def make_critic(model):
     return Critic(model)
 
 
-def critic_forward(critic, batch: dict, rows):
-    mask = batch["attention_mask"][rows]
-    values = critic(batch["ids"][rows], mask, position_ids_from_mask(mask))
-    return values[:, batch["context_length"] - 1 : -1]  # V(state before each response token)
-
-
 def disable_dropout(model) -> None:
     """Dropout off everywhere (A8): modules and the float attention-dropout attributes attention layers read."""
     import torch
@@ -87,32 +83,57 @@ def with_value_head(policy):
     class PolicyWithValueHead(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
-            self.policy = inner
+            self.policy, self.config = inner, inner.config  # DeepSpeed sizes its buckets from model.config
             hidden = inner.config.hidden_size
             self.value_head = torch.nn.Linear(hidden, 1)
             torch.nn.init.normal_(self.value_head.weight, std=1 / (hidden + 1) ** 0.5)
             torch.nn.init.zeros_(self.value_head.bias)
 
-        def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False, **kwargs):
             out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False, output_hidden_states=True)  # fmt: skip
+                              use_cache=False, output_hidden_states=True, **kwargs)  # fmt: skip
             out["token_values"] = self.value_head(out.hidden_states[-1]).squeeze(-1).float()
             return out
+
+        def critic_parameters(self):
+            return self.value_head.parameters()
 
     return PolicyWithValueHead(policy)
 
 
-def logits_and_values(source: str, model, critic, batch: dict, rows, temperature: float):
-    """Response logits and per-token values for the critic `source` (critic_source): two models (a separate critic),
-    one pass through a policy with a value head ('head'), or zeros ('none': no critic)."""
+def with_critic(policy, critic):
+    """A separate critic (make_critic) and the policy as one module, as trl's PolicyAndValueWrapper: one forward
+    gives logits and per-token values, so DDP and DeepSpeed see one model, one engine and one backward (DeepSpeed
+    refuses a second model under one Accelerator)."""
+    import torch
+
+    class PolicyWithCritic(torch.nn.Module):
+        def __init__(self, inner, value):
+            super().__init__()
+            self.policy, self.critic, self.config = inner, value, inner.config  # config: for DeepSpeed's buckets
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache=False, **kwargs):
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False, **kwargs)  # fmt: skip
+            out["token_values"] = self.critic(input_ids, attention_mask, position_ids)
+            return out
+
+        def critic_parameters(self):
+            return self.critic.parameters()
+
+    return PolicyWithCritic(policy, critic)
+
+
+def logits_and_values(source: str, model, batch: dict, rows, temperature: float):
+    """Response logits and per-token values for the critic `source` (critic_source): one pass through the policy
+    and its critic (a value head, or a separate critic joined by with_critic), or zeros ('none': no critic)."""
     import torch
 
     if source == "none":
         logits = policy_forward(model, batch, rows, temperature)
         return logits, torch.zeros(logits.shape[:2], device=logits.device)
-    if source != "head":
-        return policy_forward(model, batch, rows, temperature), critic_forward(critic, batch, rows)
     mask = batch["attention_mask"][rows]
-    out = model(input_ids=batch["ids"][rows], attention_mask=mask, position_ids=position_ids_from_mask(mask))
     context = batch["context_length"]
-    return response_logits(out.logits, context, temperature), out["token_values"][:, context - 1 : -1]
+    keep = {"logits_to_keep": batch["ids"].shape[1] - context + 1} if keeps_logits(model) else {}
+    out = model(input_ids=batch["ids"][rows], attention_mask=mask, position_ids=position_ids_from_mask(mask), **keep)
+    return response_logits(out.logits, 1 if keep else context, temperature), out["token_values"][:, context - 1 : -1]

@@ -114,7 +114,12 @@ class PPOTrainConfig:
     micro_batch_size: int = field(8, "Sequences per process per forward pass (gradients accumulate).", ge=1)
     policy_lr: float = field(1e-5, "Policy learning rate (constant).", gt=0)
     value_lr: float = field(1e-5, "Value model learning rate (constant).", gt=0)
-    grad_clip: float = field(1.0, "Clip each model's gradient norm to this (0: no clipping).", ge=0)
+    grad_clip: float = field(
+        1.0,
+        "Clip the gradient norm of the policy and of a separate critic each to this (0: no clipping); under "
+        "DeepSpeed the engine clips the two together.",
+        ge=0,
+    )
     clip_range: float = field(0.2, "PPO ratio clip epsilon.", gt=0)
     value_clip_range: float = field(0.2, "Value clip epsilon, around the rollout's values.", gt=0)
     vf_coef: float = field(0.1, "Weight of the value loss in the summed loss.", gt=0)
@@ -153,27 +158,40 @@ def guardrail(checkpoints: Path, step: int, what: str) -> StageFailed:
 
 @dataclasses.dataclass
 class Models:
-    """What a PPO step works with. `policy` and `critic` are as Accelerate prepared them (wrapped for DDP); with
-    critic 'head' the policy carries the value head and `critic` is None; `reference` is None with LoRA (the
-    policy with its adapters off)."""
+    """What a PPO step works with. `policy` is as Accelerate prepared it (wrapped for DDP or DeepSpeed), with its
+    critic inside when there is one (rl.policy.with_critic or with_value_head: one model, one engine);
+    `reference` is None with LoRA (the policy with its adapters off)."""
 
     accelerator: Any
     policy: Any
-    critic: Any
     reference: Any
     critic_source: str  # rl.policy.critic_source: reward, policy, head, none or a model path
 
     def causal_lm(self):
-        """The causal LM itself (unwrapped, without a value head): generation, the reference pass, saving."""
+        """The causal LM itself (unwrapped, without a critic): generation, the reference pass, saving."""
         model = self.accelerator.unwrap_model(self.policy)
-        return model.policy if self.critic_source == "head" else model
+        return model.policy if self.critic_source != "none" else model
 
     def forward(self, batch: dict, rows, temperature: float, unwrapped: bool = False):
         """Response logits and values (zeros without a critic); `unwrapped` for no-grad passes outside DDP."""
-        policy, critic = self.policy, self.critic
-        if unwrapped:
-            policy, critic = self.accelerator.unwrap_model(policy), critic and self.accelerator.unwrap_model(critic)
-        return logits_and_values(self.critic_source, policy, critic, batch, rows, temperature)
+        policy = self.accelerator.unwrap_model(self.policy) if unwrapped else self.policy
+        return logits_and_values(self.critic_source, policy, batch, rows, temperature)
+
+    def policy_state_dict(self) -> dict:
+        """The causal LM's weights gathered from every process (all must call it; ZeRO-3 holds shards), without
+        the critic; on processes other than the main one possibly empty."""
+        full = self.accelerator.get_state_dict(self.policy)
+        if self.critic_source == "none" or not full:  # ZeRO-3 gives the other processes None
+            return full
+        return {key.removeprefix("policy."): value for key, value in full.items() if key.startswith("policy.")}
+
+    def clip_groups(self) -> list:
+        """The parameter groups whose gradient norms are clipped apart: policy and a separate critic each (N+), the
+        policy with its value head as one."""
+        model = self.accelerator.unwrap_model(self.policy)
+        if self.critic_source in ("none", "head"):
+            return [list(model.parameters())]
+        return [list(model.policy.parameters()), list(model.critic_parameters())]
 
     def lm_loss(self, ids):
         """Mean next-token cross-entropy of the policy on full blocks of text (PPO-ptx), through the prepared policy
@@ -281,7 +299,8 @@ def ppo_update(
             check = torch.zeros(3, device=device)  # summed loss, mean ratio, non-finite count
             # DDP averages gradients over processes, so each divides by the mean token count per process
             tokens = accelerator.reduce(mask[part].sum(), "sum") / accelerator.num_processes
-            for rows in part.split(train.micro_batch_size):
+            micro = part.split(train.micro_batch_size)
+            for i, rows in enumerate(micro):
                 with accelerator.autocast():
                     logits, new_values = models.forward(batch, rows, temperature)
                 new_logprobs = token_logprobs(logits, responses[rows])
@@ -302,34 +321,50 @@ def ppo_update(
                     vf_loss, vf_stats = value_loss(new_values, scored["values"][rows], scored["returns"][rows],
                                                    mask[rows], train.value_clip_range, tokens)  # fmt: skip
                     loss, terms = loss + train.vf_coef * vf_loss, {**terms, "vf_loss": vf_loss * as_mean, **vf_stats}
-                accelerator.backward(loss)
                 with torch.no_grad():
                     terms["entropy"] = masked_mean(entropy_from_logits(logits), mask[rows])
                 for key, value in terms.items():
                     stats.setdefault(key, []).append(float(value.detach()))
                 check += torch.stack([loss.detach(), pg_stats["ratio"] * len(rows) / len(part),
                                       (~torch.isfinite(loss.detach())).float()])  # fmt: skip
+                last = i == len(micro) - 1 and ptx is None
+                if last:
+                    stop_unless_sound(accelerator, check, train.ratio_range, checkpoints, step)
+                backward(accelerator, loss, last)
             if ptx is not None:
                 with accelerator.autocast():
                     ptx_loss = models.lm_loss(ptx(update))
-                accelerator.backward(ptx_coef * ptx_loss)
                 stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()))
                 check[2] += (~torch.isfinite(ptx_loss.detach())).float()
+                stop_unless_sound(accelerator, check, train.ratio_range, checkpoints, step)
+                backward(accelerator, ptx_coef * ptx_loss, True)
             update += 1
-            check = accelerator.reduce(check, "mean")
-            low, high = train.ratio_range
-            if check[2] > 0:
-                raise guardrail(checkpoints, step, f"non-finite loss {check[0].item():.4g}")
-            if not low <= check[1].item() <= high:
-                raise guardrail(checkpoints, step, f"mean ratio {check[1].item():.3f} left train.ratio_range "
-                                f"{[low, high]}")  # fmt: skip
-            if train.grad_clip:
-                accelerator.clip_grad_norm_(models.policy.parameters(), train.grad_clip)
-                if models.critic is not None:
-                    accelerator.clip_grad_norm_(models.critic.parameters(), train.grad_clip)
+            if train.grad_clip:  # under DeepSpeed the engine clips (gradient_clipping), and this does nothing
+                for group in models.clip_groups():
+                    accelerator.clip_grad_norm_(group, train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+def stop_unless_sound(accelerator, check, ratio_range, checkpoints: Path, step: int) -> None:
+    """Stop before the optimizer step when any process saw a non-finite loss or the mean ratio left ratio_range.
+    `check` holds this process's summed loss, mean ratio and non-finite count; all processes call this together."""
+    check = accelerator.reduce(check, "mean")
+    low, high = ratio_range
+    if check[2] > 0:
+        raise guardrail(checkpoints, step, f"non-finite loss {check[0].item():.4g}")
+    if not low <= check[1].item() <= high:
+        raise guardrail(checkpoints, step, f"mean ratio {check[1].item():.3f} left train.ratio_range {[low, high]}")
+
+
+def backward(accelerator, loss, last: bool) -> None:
+    """accelerator.backward, telling DeepSpeed which backward ends the minibatch: its engine steps the optimizer
+    inside that backward, and accumulates gradients over the ones before (elsewhere the flag changes nothing: the
+    loop steps the optimizer itself). The guardrails therefore run before the last backward."""
+    accelerator.gradient_state._set_sync_gradients(last)
+    accelerator.backward(loss)
+    accelerator.gradient_state._set_sync_gradients(True)
 
 
 def step_metrics(models: Models, batch: dict, scored: dict, stats: dict, kl_coef: float, drawn: dict) -> dict:

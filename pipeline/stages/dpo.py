@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
+from pipeline.artifacts import begin_stage, write_manifest
 from pipeline.config import DataConfig, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import is_main_process, launch_facts
@@ -22,7 +22,6 @@ from pipeline.modeling import (
     load_pretrained,
     model_and_tokenizer,
     peft_config,
-    save_model,
 )
 from pipeline.tracking import log
 from pipeline.trainers import (
@@ -32,6 +31,7 @@ from pipeline.trainers import (
     generation_eval_rows,
     load_preference_splits,
     metrics_jsonl_callback,
+    save_trained,
     trainer_resume_point,
     training_kwargs,
 )
@@ -112,21 +112,19 @@ def run(cfg: DPOStageConfig) -> dict | None:
     trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config(cfg.lora))  # fmt: skip
     log(f"training on {len(train_ds)} pairs, {len(eval_ds)} held out, beta {cfg.beta}, loss {cfg.loss_type}", STAGE)
-    match_before = None
-    if questions and trainer.is_world_process_zero():  # the others wait in train()
-        match_before, _ = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens)
+    # every process answers its share of the questions, before and after (ZeRO-3 shards the weights)
+    match_before, _ = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens, trainer.accelerator)
     trainer.add_callback(metrics_jsonl_callback(out, resume_from))
     result = trainer.train(resume_from_checkpoint=resume_from)
     before = evaluation_at_start(trainer)
     after = trainer.evaluate()
+    match_after, examples = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens,
+                                            trainer.accelerator)  # fmt: skip
 
     # --- save: merged weights (or adapters), tokenizer, generation config; the manifest last
     metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
+    save_trained(trainer, tokenizer, out / "model", cfg.lora.merge)
     if trainer.is_world_process_zero():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        match_after, examples = generation_eval(unwrapped, tokenizer, questions, cfg.max_new_tokens)
-        with atomic_dir(out / "model") as tmp:
-            save_model(unwrapped, tokenizer, tmp, cfg.lora.merge)
         metrics = {
             "train_loss": result.training_loss, "steps": result.global_step, "train_pairs": len(train_ds),
             "heldout_pairs": len(eval_ds), "resumed_from": resume_from,

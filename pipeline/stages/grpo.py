@@ -25,16 +25,22 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, describe_input, write_manifest
+from pipeline.artifacts import begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, world_size
 from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import heldout_metrics, stop_tokens
-from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config, save_model
+from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config
 from pipeline.rewards import EXACT_MATCH, load_scorer, reward_kind
 from pipeline.tracking import MetricsLog, log
-from pipeline.trainers import TrlTrainConfig, metrics_jsonl_callback, trainer_resume_point, training_kwargs
+from pipeline.trainers import (
+    TrlTrainConfig,
+    metrics_jsonl_callback,
+    save_trained,
+    trainer_resume_point,
+    training_kwargs,
+)
 
 STAGE = "grpo"
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
@@ -288,9 +294,8 @@ def run(cfg: GRPOConfig) -> dict | None:
 
     # --- save the policy, the manifest last
     metrics, facts = {}, launch_facts(accelerator, trainer.model)
+    save_trained(trainer, tokenizer, out / "model", cfg.lora.enabled and cfg.lora.merge)
     if accelerator.is_main_process:
-        with atomic_dir(out / "model") as tmp:
-            save_model(unwrapped, tokenizer, tmp, cfg.lora.enabled and cfg.lora.merge)
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         history = [h for h in history if "reward" in h]
         window = max(1, len(history) // 5)

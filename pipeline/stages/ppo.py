@@ -38,10 +38,11 @@ from pipeline.modeling import (
     peft_config,
     resolve_model_path,
     save_model,
+    whole_weights,
 )
 from pipeline.rewards import EXACT_MATCH, load_reward_function, reward_scorer
 from pipeline.rl.core import KLController, groups_with_signal, pick_groups
-from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_value_head
+from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_critic, with_value_head
 from pipeline.rl.ppo import (
     KLSection,
     Models,
@@ -146,51 +147,52 @@ def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
 
 
 def build_models(cfg: PPOConfig, tokenizer, policy_path: str, accelerator):
-    """Policy (+ LoRA), frozen reference, scorer and critic, prepared with one AdamW of two learning rates.
+    """Policy (+ LoRA), frozen reference, scorer and critic; the policy and its critic joined as one module
+    (rl.policy.with_critic, with_value_head) and prepared with one AdamW of two learning rates. Every model is
+    built whole on each process (modeling.whole_weights: new heads and adapters start as one process's do);
+    DeepSpeed then partitions what it prepares, and the frozen reference and reward model stay whole copies.
     Returns (models, optimizer, scorer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     train, device = cfg.train, accelerator.device
     torch.manual_seed(train.seed)
-    policy = load_pretrained(AutoModelForCausalLM, policy_path, cfg.trust_remote_code, "init_from")
-    reference = None
-    if cfg.lora.enabled:  # the reference is the same weights with the adapters switched off: one frozen base
-        from peft import get_peft_model
+    with whole_weights():
+        policy = load_pretrained(AutoModelForCausalLM, policy_path, cfg.trust_remote_code, "init_from")
+        reference = None
+        if cfg.lora.enabled:  # the reference is the same weights with the adapters switched off: one frozen base
+            from peft import get_peft_model
 
-        policy = get_peft_model(policy, peft_config(cfg.lora))
-    else:
-        reference = load_pretrained(AutoModelForCausalLM, policy_path, cfg.trust_remote_code, "init_from")
-        disable_dropout(reference)
-        reference.to(device).eval().requires_grad_(False)
-    disable_dropout(policy)
-    scorer = reward_scorer(cfg.reward_model, cfg.reward_function, cfg.trust_remote_code, device)
-    source = critic_source(cfg.value_model, cfg.reward_model)
-    critic = None
-    if source == "none":
-        groups = [[p for p in policy.parameters() if p.requires_grad], []]
-    elif source == "head":  # one module: DDP must see the trunk once
-        policy = with_value_head(policy)
-        groups = [[p for n, p in policy.named_parameters() if p.requires_grad and not n.startswith("value_head")],
-                  list(policy.value_head.parameters())]  # fmt: skip
-    else:
-        value_path = {"reward": cfg.reward_model and resolve_model_path(cfg.reward_model), "policy": policy_path}
-        value_model = load_pretrained(AutoModelForSequenceClassification,
-                                      resolve_model_path(value_path.get(source, source)),
-                                      cfg.trust_remote_code, "value_model", num_labels=1)  # fmt: skip
-        value_model.config.pad_token_id = tokenizer.pad_token_id
-        disable_dropout(value_model)
-        critic = make_critic(value_model)
-        groups = [[p for p in policy.parameters() if p.requires_grad], list(critic.parameters())]
+            policy = get_peft_model(policy, peft_config(cfg.lora))
+        else:
+            reference = load_pretrained(AutoModelForCausalLM, policy_path, cfg.trust_remote_code, "init_from")
+            disable_dropout(reference)
+            reference.to(device).eval().requires_grad_(False)
+        disable_dropout(policy)
+        scorer = reward_scorer(cfg.reward_model, cfg.reward_function, cfg.trust_remote_code, device)
+        source = critic_source(cfg.value_model, cfg.reward_model)
+        if source == "head":  # one module: DDP must see the trunk once
+            policy = with_value_head(policy)
+        elif source != "none":
+            value_path = {"reward": cfg.reward_model and resolve_model_path(cfg.reward_model), "policy": policy_path}
+            value_model = load_pretrained(AutoModelForSequenceClassification,
+                                          resolve_model_path(value_path.get(source, source)),
+                                          cfg.trust_remote_code, "value_model", num_labels=1)  # fmt: skip
+            value_model.config.pad_token_id = tokenizer.pad_token_id
+            disable_dropout(value_model)
+            policy = with_critic(policy, make_critic(value_model))
+    critic = set(map(id, policy.critic_parameters())) if source != "none" else set()
+    groups = [[p for p in policy.parameters() if p.requires_grad and id(p) not in critic],
+              [p for p in policy.parameters() if id(p) in critic]]  # fmt: skip
     lrs = [{"params": groups[0], "lr": train.policy_lr}, {"params": groups[1], "lr": train.value_lr}]
     optimizer = torch.optim.AdamW([g for g in lrs if g["params"]], weight_decay=0.0, eps=1e-5)
-    if critic is None:
-        policy, optimizer = accelerator.prepare(policy, optimizer)
-    else:
-        policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
-        critic.train()
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # what DeepSpeed cannot read from a loop without a DataLoader
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+        plugin.deepspeed_config["gradient_clipping"] = train.grad_clip or 0.0
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()  # dropout is off, so train mode changes nothing but what peft/DDP expect
-    return Models(accelerator, policy, critic, reference, source), optimizer, scorer
+    return Models(accelerator, policy, reference, source), optimizer, scorer
 
 
 # --- run ---------------------------------------------------------------------------------------------------------
@@ -238,7 +240,7 @@ def run(cfg: PPOConfig) -> dict | None:
 
     # --- models, controller, resume point, held-out numbers before training
     models, optimizer, scorer = build_models(cfg, tokenizer, policy_path, accelerator)
-    trainable = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in models.causal_lm().parameters() if p.requires_grad)
     critic = "no critic" if models.critic_source == "none" else f"critic from {models.critic_source}"
     log(f"{len(prompts)} prompts ({len(keep)} kept), {world} process(es) x {per_rank} per step; policy "
         f"{trainable / 1e6:.2f}M trained, {critic}", STAGE)  # fmt: skip
@@ -328,9 +330,10 @@ def run(cfg: PPOConfig) -> dict | None:
     facts = launch_facts(accelerator, models.causal_lm())
     metrics = {}
     after = evaluate(models.causal_lm()) if eval_rows else None
+    state_dict = models.policy_state_dict()  # on every process: ZeRO-3 gathers the shards
     if accelerator.is_main_process:
         with atomic_dir(out / "model") as tmp:
-            save_model(models.causal_lm(), tokenizer, tmp, cfg.lora.enabled and cfg.lora.merge)
+            save_model(models.causal_lm(), tokenizer, tmp, cfg.lora.enabled and cfg.lora.merge, state_dict=state_dict)
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         window = max(1, len(history) // 5)
         metrics = {

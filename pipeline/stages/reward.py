@@ -13,17 +13,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
+from pipeline.artifacts import begin_stage, write_manifest
 from pipeline.config import DataConfig, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import is_main_process, launch_facts, on_every_rank
-from pipeline.modeling import load_pretrained, model_and_tokenizer, save_model
+from pipeline.modeling import load_pretrained, model_and_tokenizer
 from pipeline.rewards import score_pairs
 from pipeline.tracking import log
 from pipeline.trainers import (
     TrlTrainConfig,
     load_preference_splits,
     metrics_jsonl_callback,
+    save_trained,
     trainer_resume_point,
     training_kwargs,
 )
@@ -124,11 +125,8 @@ def run(cfg: RewardConfig) -> dict | None:
     # --- measure on the held-out pairs and save: every rank takes part in both (ZeRO-3 shards the weights)
     metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
     after = pair_metrics(trainer.model, tokenizer, eval_ds, trainer.accelerator)
-    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    save_trained(trainer, tokenizer, out / "model", merge=False, generation=False)
     if trainer.is_world_process_zero():
-        with atomic_dir(out / "model") as tmp:
-            save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, tmp, generation=False,
-                       state_dict=state_dict)  # fmt: skip
         metrics = {
             "train_loss": result.training_loss, "steps": result.global_step,
             "heldout_pair_accuracy": after["pair_accuracy"], "heldout_mean_margin": after["mean_margin"],

@@ -19,7 +19,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
+from pipeline.artifacts import begin_stage, write_manifest
 from pipeline.chat import assistant_token_mask
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import concatenate_sources, load_examples, load_mixture, local_files, stage_inputs
@@ -30,7 +30,6 @@ from pipeline.modeling import (
     load_pretrained,
     model_and_tokenizer,
     peft_config,
-    save_model,
 )
 from pipeline.tracking import log
 from pipeline.trainers import (
@@ -39,6 +38,7 @@ from pipeline.trainers import (
     generation_eval,
     generation_eval_rows,
     metrics_jsonl_callback,
+    save_trained,
     trainer_resume_point,
     training_kwargs,
 )
@@ -309,11 +309,10 @@ def run(cfg: SFTStageConfig) -> dict | None:
     if "labels" in sample:  # what the loss mask keeps of one row: a wrong template shows here, not after training
         log(f"row 0 trains on {trained_text(tokenizer, sample['input_ids'], sample['labels'])}", STAGE)
 
-    # --- before: exact match of the starting model (main process only: others wait in train()); the held-out
-    # loss before is the trainer's eval_on_start
-    match_before = None
-    if questions and is_main_process():
-        match_before, _ = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens)
+    # --- before: exact match of the starting model (every process answers its share); the held-out loss before is
+    # the trainer's eval_on_start
+    match_before, _ = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens, trainer.accelerator)
+    if questions:
         log(f"exact match before training: {match_before:.3f} on {len(questions)} questions", STAGE)
 
     # --- train (Trainer resumes model, optimizer, scheduler and RNG state from checkpoint-N); metrics.jsonl gets
@@ -323,13 +322,12 @@ def run(cfg: SFTStageConfig) -> dict | None:
     loss_before = evaluation_at_start(trainer).get("eval_loss")
     loss_after = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 
-    # --- after: exact match, save the model, the manifest last
+    # --- after: exact match, save the model (every process takes part in both), the manifest last
+    match_after, examples = generation_eval(trainer.model, tokenizer, questions, cfg.max_new_tokens,
+                                            trainer.accelerator)  # fmt: skip
     metrics, facts = {}, launch_facts(trainer.accelerator, trainer.model)
+    save_trained(trainer, tokenizer, out / "model", cfg.lora.merge)
     if trainer.is_world_process_zero():
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        match_after, examples = generation_eval(unwrapped, tokenizer, questions, cfg.max_new_tokens)
-        with atomic_dir(out / "model") as tmp:
-            save_model(unwrapped, tokenizer, tmp, cfg.lora.merge)
         metrics = {
             "train_loss": result.training_loss, "final_logged_loss": _last_logged_loss(trainer),
             "eval_loss_before": loss_before, "eval_loss": loss_after,
