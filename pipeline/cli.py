@@ -45,6 +45,7 @@ STAGES = {
     "pairs": ("pipeline.stages.pairs", "sample a model, judge its answers by a rule, write preference pairs"),
     "ppo": ("pipeline.stages.ppo", "RLHF with PPO against a reward model or a rule reward (our Accelerate loop)"),
     "grpo": ("pipeline.stages.grpo", "critic-free RL with rule rewards (group-relative) on trl's GRPOTrainer"),
+    "explain": ("pipeline.stages.explain", "why a reward model scored that: token attributions and a rewrite probe"),
     "eval": ("pipeline.stages.evaluate", "few-shot evaluation (multiple choice, generation) with lm-eval's numbers"),
     "annotate": ("pipeline.stages.annotate", "label preference pairs in the terminal, one key per judgement"),
     "annotate export": ("pipeline.stages.annotate_export", "write the labels as preference pairs for reward and dpo"),

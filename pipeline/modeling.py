@@ -66,19 +66,20 @@ def _require_local_if_path_like(path: str, key: str) -> None:
         raise UserError(f"{key}: no such folder: {path!r} (did the stage that writes it run?)")
 
 
-def resolve_model_path(path: str) -> str:
+def resolve_model_path(path: str, key: str = "model.init_from") -> str:
     """A pipeline artifact folder stands for its model/ subfolder, a .gguf file for its converted safetensors
-    folder (pipeline/gguf.py); anything else is passed on as is. A leading ~ is the home folder."""
+    folder (pipeline/gguf.py); anything else is passed on as is. A leading ~ is the home folder. Errors name the
+    config `key` the path came from."""
     path = os.path.expanduser(path)
     if gguf.is_gguf(path):
         return gguf.model_folder(path)
-    _require_local_if_path_like(path, "model.init_from")
+    _require_local_if_path_like(path, key)
     folder = Path(path)
     if (folder / MANIFEST).is_file() and (folder / "model").is_dir():
         return str(folder / "model")
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise UserError(
-            f"model.init_from: {path} is a folder without config.json or manifest.json; "
+            f"{key}: {path} is a folder without config.json or manifest.json; "
             "if it is a pipeline stage folder, that stage has not finished"
         )
     return path
@@ -119,10 +120,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, pad_with_eos: boo
     return tokenizer
 
 
-def model_and_tokenizer(model: str, tokenizer: str | None, trust_remote_code: bool, pad_with_eos: bool = False):
+def model_and_tokenizer(
+    model: str, tokenizer: str | None, trust_remote_code: bool, pad_with_eos: bool = False, key: str = "init_from"
+):
     """(model path, tokenizer) for a stage's model key: an artifact folder stands for its model/, and the tokenizer
     is the `tokenizer` key's if set, else the model's own (load_tokenizer; `pad_with_eos` as there)."""
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, key)
     return path, load_tokenizer(tokenizer or path, trust_remote_code, pad_with_eos)
 
 

@@ -110,7 +110,7 @@ def reward_scorer(reward_model: str | None, reward_function: str | None, trust_r
 
     from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(reward_model)
+    path = resolve_model_path(reward_model, "reward_model")
     tokenizer = load_tokenizer(path, trust_remote_code, pad_with_eos=True)
     model = load_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, "reward_model")
     model.config.pad_token_id = tokenizer.pad_token_id

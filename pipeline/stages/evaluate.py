@@ -197,7 +197,7 @@ def run(cfg: EvalConfig) -> dict | None:
     started = time.time()
     out = Path(cfg.output_dir)
     specs = find_tasks(cfg.tasks, cfg.task_dirs)
-    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code)
+    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, key="model")
     if cfg.chat and not tokenizer.chat_template:
         raise UserError(f"chat: true, but the tokenizer of {cfg.tokenizer or model_path} has no chat template")
     prepared = {spec.task: prepare_task(cfg, spec, tokenizer) for spec, _ in specs}

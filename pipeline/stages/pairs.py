@@ -123,7 +123,7 @@ def run(cfg: PairsConfig) -> dict | None:
     judge = load_reward_function(cfg.judge, "judge")
     rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=cfg.judge == EXACT_MATCH)
     rows = rows[: cfg.max_prompts]
-    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, pad_with_eos=True)
+    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, True, "model")
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.model} has no chat template, but {cfg.data.path} holds conversations")
     state = PartialState(cpu=not on_gpu())

@@ -1,0 +1,346 @@
+"""Explain stage: why a reward model scored what it scored. Token attributions and a counterfactual probe.
+
+    llmpipe explain --config configs/tiny/explain.yaml [reward_model=runs/tiny/reward] [data.path=...]
+
+For each row (a preference pair: chosen and rejected; or one answer: ppo's `samples.jsonl`, any prompt/response
+rows) the reward model's score is attributed to the input tokens by integrated gradients over the input
+embeddings (Captum; Sundararajan et al. 2017), from a baseline of pad-token embeddings (or zeros) in `n_steps`
+steps. The sum of a text's attributions equals its score minus the baseline's up to the integral's error: that
+completeness gap is reported per text, and its size against the score difference says whether n_steps was
+enough. Each token is placed in the prompt, the answer or the end of turn, so the aggregates say where the
+score comes from.
+
+The probe rewrites the answers by rules (a bigger number, the answer said twice, a filler word) and scores them
+again: a reward model that learned a shortcut ("the bigger number wins") raises the score of a rewrite that
+makes the answer wrong. A rule is flagged when the score rises on average and for most rows where a sound model's
+would fall or stay.
+
+Produces in output_dir: `attributions.jsonl` (per text: tokens, attributions, regions, score, baseline score,
+gap), `probe.jsonl` (per row and rule: the rewrite and both scores), `explain.html` (tokens shaded by
+attribution, chosen next to rejected), `attributions.png` (where the score comes from: regions and tokens), and
+a manifest with the aggregates and the probe's table. A rich view of the first rows goes to the terminal.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from pathlib import Path
+
+from pipeline.artifacts import atomic_write_text, begin_stage, write_manifest
+from pipeline.attribution import PROBES, REGIONS, integrated_gradients, probe_summary, regions, rewrite
+from pipeline.config import DataConfig, UserError, config, field
+from pipeline.data import load_examples, stage_inputs
+from pipeline.distributed import world_size
+from pipeline.formats import load_preference_pairs
+from pipeline.modeling import load_pretrained, model_and_tokenizer
+from pipeline.rewards import as_reply, reward_inputs, score_pairs
+from pipeline.tracking import log
+
+STAGE = "explain"
+
+
+@config
+class ExplainConfig:
+    output_dir: str = field(help="Folder for this stage's artifact (attributions.jsonl, explain.html, ...).")
+    reward_model: str = field(help="Reward model: a reward stage folder or any sequence-classification model.")
+    tokenizer: str | None = field(None, "Tokenizer (None: the reward model's).")
+    trust_remote_code: bool = field(False, "Allow models that ship their own Python code. Off: safe.")
+    data: DataConfig = field(
+        help="Rows to explain: preference pairs (prompt?/chosen/rejected, trl's formats: a preference file, "
+        "pairs.jsonl) or answers (`prompt` and `response`, e.g. ppo's samples.jsonl)."
+    )
+    max_rows: int = field(40, "Explain at most the first N rows.", ge=1)
+    n_steps: int = field(64, "Integration steps of integrated gradients (more: smaller completeness gap).", ge=2)
+    baseline: str = field("pad", "Baseline input: pad (each embedding the pad token's) or zero.")
+    attribute: str = field(
+        "all", "What gets attributions: all (prompt and answer: where the score comes from) or answer (the prompt "
+        "stays in the baseline: what in the answer made the score).",
+    )  # fmt: skip
+    keep_format: bool = field(
+        True, "Keep the format in the baseline: special tokens (role markers, BOS) and the end of turn after the "
+        "answer stay as they are, so the attributions say what the words did in a fixed format (as BERT "
+        "attributions keep [CLS] and [SEP]). Off: the format is attributed too.",
+    )  # fmt: skip
+    batch_size: int = field(32, "Integration steps per forward pass.", ge=1)
+    probes: list[str] = field(factory=lambda: list(PROBES), help=f"Probe rules to run: any of {', '.join(PROBES)}.")
+    show: int = field(3, "Rows drawn in the terminal.", ge=0)
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.attribute not in ("all", "answer"):
+            problems.append(f"attribute: got {self.attribute!r}, expected all or answer")
+        if self.baseline not in ("pad", "zero"):
+            problems.append(f"baseline: got {self.baseline!r}, expected pad or zero")
+        unknown = [p for p in self.probes if p not in PROBES]
+        if unknown:
+            problems.append(f"probes: unknown {unknown}; expected any of {', '.join(PROBES)}")
+        return problems
+
+
+Config = ExplainConfig
+
+
+def load_rows(cfg: ExplainConfig) -> list[dict]:
+    """{prompt, sides: {name: response}} rows: chosen and rejected of preference pairs, or one `response`."""
+    probe = load_examples(cfg.data, required=[])
+    columns = set(probe.column_names)
+    if {"chosen", "rejected"} <= columns:
+        ds, conversational = load_preference_pairs(cfg.data)
+        if "prompt" not in ds.column_names and not conversational:
+            raise UserError(f"{cfg.data.path}: plain-text preference rows need a `prompt` column")
+        rows = []
+        for r in ds:  # an implicit prompt (whole conversations): the turns before the last one
+            if "prompt" in r:
+                prompt, chosen, rejected = r["prompt"], r["chosen"], r["rejected"]
+            else:
+                prompt, chosen, rejected = r["chosen"][:-1], r["chosen"][-1:], r["rejected"][-1:]
+            rows.append({"prompt": prompt, "sides": {"chosen": chosen, "rejected": rejected}})
+    elif {"prompt", "response"} <= columns:
+        rows = []
+        for i, r in enumerate(probe):
+            if not isinstance(r["response"], str) or not r["prompt"]:
+                raise UserError(f"{cfg.data.path}: row {i}: 'response' must be a string and 'prompt' non-empty")
+            rows.append({"prompt": r["prompt"], "sides": {"response": as_reply(r["prompt"], r["response"])}})
+    else:
+        raise UserError(f"{cfg.data.path}: rows need chosen and rejected (preference pairs) or prompt and response "
+                        f"(answers, e.g. ppo's samples.jsonl); found columns {sorted(columns)}")  # fmt: skip
+    return rows[: cfg.max_rows]
+
+
+def answer_text(response) -> str:
+    return response[-1]["content"] if isinstance(response, list) else response
+
+
+def run(cfg: ExplainConfig) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    started = time.time()
+    if world_size() > 1:
+        raise UserError("explain runs in one process: start it with `llmpipe explain`, not `accelerate launch`")
+    out = Path(cfg.output_dir)
+    model_path, tokenizer = model_and_tokenizer(cfg.reward_model, cfg.tokenizer, cfg.trust_remote_code, True,
+                                                "reward_model")  # fmt: skip
+    rows = load_rows(cfg)
+    begin_stage(out, cfg, fresh=True)
+    model = load_pretrained(AutoModelForSequenceClassification, model_path, cfg.trust_remote_code, "reward_model",
+                            num_labels=1)  # fmt: skip
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+
+    texts = explain_rows(model, tokenizer, rows, cfg)
+    summary = aggregate(texts)
+    probed = run_probes(model, tokenizer, rows, cfg.probes, summary["scale"])
+    atomic_write_text(out / "attributions.jsonl", "".join(json.dumps(t) + "\n" for t in texts))
+    atomic_write_text(out / "probe.jsonl", "".join(json.dumps(p) + "\n" for p in probed["rows"]))
+    atomic_write_text(out / "explain.html", render_html(texts, probed["table"], cfg))
+    plotted = plot_aggregates(summary, out / "attributions.png")
+    show_in_terminal(texts[: cfg.show * 2], probed["table"])
+    metrics = {"rows": len(rows), "texts": len(texts), **summary, "probes": probed["table"],
+               "flagged_probes": [p["rule"] for p in probed["table"] if p["flagged"]],
+               "plot": "attributions.png" if plotted else None}  # fmt: skip
+    write_manifest(out, STAGE, stage_inputs(cfg, "reward_model", "data"),
+                   ["attributions.jsonl", "probe.jsonl", "explain.html"], metrics, started)  # fmt: skip
+    if summary["gap_within_5pct"] < 0.9:
+        log(f"warning: only {summary['gap_within_5pct']:.0%} of the texts' attributions add up to their score "
+            f"change within 5%: raise n_steps (now {cfg.n_steps})", STAGE)  # fmt: skip
+    flagged = ", ".join(metrics["flagged_probes"]) or "none"
+    log(f"done: {len(texts)} texts, completeness gap {summary['gap_share_median']:.1%} of the score change "
+        f"(median); score from prompt/answer/end {summary['region_share']['prompt']:.0%}/"
+        f"{summary['region_share']['answer']:.0%}/{summary['region_share']['end']:.0%}; probes flagged: {flagged} "
+        f"-> {out / 'explain.html'}", STAGE)  # fmt: skip
+    return metrics
+
+
+def explain_rows(model, tokenizer, rows: list[dict], cfg: ExplainConfig) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    texts, special = [], set(tokenizer.all_special_ids)
+    jobs = [(i, side, row["prompt"], answer) for i, row in enumerate(rows) for side, answer in row["sides"].items()]
+    for i, side, prompt, response in tqdm(jobs, desc="integrated gradients", unit="text"):
+        ids = reward_inputs(tokenizer, [prompt], [response])[0]
+        where = regions(tokenizer, prompt, ids)
+        fixed = {"end"} if cfg.keep_format else set()
+        if cfg.attribute == "answer":
+            fixed.add("prompt")
+        keep = [(cfg.keep_format and t in special) or r in fixed for t, r in zip(ids, where, strict=True)]
+        found = integrated_gradients(model, ids, cfg.n_steps, cfg.baseline, cfg.batch_size, keep)
+        texts.append({"row": i, "side": side, "prompt": prompt, "answer": answer_text(response), "ids": ids,
+                      "tokens": [tokenizer.decode([t]) for t in ids], "regions": where, **found})  # fmt: skip
+    return texts
+
+
+def run_probes(model, tokenizer, rows: list[dict], rules: list[str], scale: float) -> dict:
+    """Score each row's first answer (chosen, or the response) and its rewrite under every rule; `scale` is the
+    score difference that matters (attribution.probe_summary)."""
+    per_row, table = [], []
+    for rule in rules:
+        originals, rewritten, where = [], [], []
+        for i, row in enumerate(rows):
+            side, response = next(iter(row["sides"].items()))
+            done = rewrite(rule, row["prompt"], answer_text(response))
+            if done is None:
+                continue
+            prompt, answer = done
+            originals.append((row["prompt"], response))
+            rewritten.append((prompt, as_reply(prompt, answer)))
+            where.append((i, side, answer))
+        before = score_pairs(model, tokenizer, [p for p, _ in originals], [r for _, r in originals]) if where else []
+        after = score_pairs(model, tokenizer, [p for p, _ in rewritten], [r for _, r in rewritten]) if where else []
+        table.append(probe_summary(rule, before, after, scale))
+        per_row += [{"rule": rule, "row": i, "side": side, "rewritten_answer": answer, "score": b, "score_after": a}
+                    for (i, side, answer), b, a in zip(where, before, after, strict=True)]  # fmt: skip
+    return {"table": table, "rows": per_row}
+
+
+def aggregate(texts: list[dict]) -> dict:
+    """Where the scores come from: the mean share of |attribution| in each region, the tokens with the largest
+    total |attribution|, the completeness gap against the score change (median, worst, share within 5%), and
+    `scale`: the mean chosen - rejected margin (without pairs, the scores' standard deviation)."""
+    shares = {r: 0.0 for r in REGIONS}
+    by_token: dict[str, list[float]] = {}
+    gaps = []
+    for t in texts:
+        total = sum(abs(a) for a in t["attributions"]) or 1.0
+        for region, a, token in zip(t["regions"], t["attributions"], t["tokens"], strict=True):
+            shares[region] += abs(a) / total / len(texts)
+            by_token.setdefault(token, []).append(a)
+        change = abs(t["score"] - t["baseline_score"])
+        gaps.append(abs(t["gap"]) / change if change > 1e-6 else 0.0)
+    top = sorted(by_token.items(), key=lambda kv: -sum(abs(a) for a in kv[1]))[:15]
+    gaps.sort()
+    scores: dict[int, dict[str, float]] = {}
+    for t in texts:
+        scores.setdefault(t["row"], {})[t["side"]] = t["score"]
+    margins = [abs(s["chosen"] - s["rejected"]) for s in scores.values() if {"chosen", "rejected"} <= s.keys()]
+    if margins:
+        scale = sum(margins) / len(margins)
+    else:  # answers alone: how much the scores spread
+        values = [t["score"] for t in texts]
+        mean = sum(values) / len(values)
+        scale = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return {
+        "scale": scale,
+        "gap_within_5pct": sum(g <= 0.05 for g in gaps) / len(gaps) if gaps else 1.0,
+        "region_share": shares,
+        "top_tokens": [
+            {"token": tok, "total_abs": sum(abs(a) for a in v), "mean": sum(v) / len(v), "count": len(v)}
+            for tok, v in top
+        ],  # fmt: skip
+        "gap_share_median": gaps[len(gaps) // 2] if gaps else 0.0,
+        "gap_share_max": gaps[-1] if gaps else 0.0,
+    }
+
+
+# --- output for people ------------------------------------------------------------------------------------------
+
+
+def _shade(value: float, scale: float) -> str:
+    """Green for attributions that raise the score, red for those that lower it; stronger for larger ones."""
+    alpha = min(1.0, abs(value) / scale) if scale > 0 else 0.0
+    return f"rgba(0,160,60,{alpha:.2f})" if value >= 0 else f"rgba(220,40,40,{alpha:.2f})"
+
+
+def _text_html(t: dict) -> str:
+    scale = max((abs(a) for a in t["attributions"]), default=1.0)
+    spans = []
+    for token, a, region in zip(t["tokens"], t["attributions"], t["regions"], strict=True):
+        shown = html.escape(token).replace("\n", "&#8629;<br>")
+        spans.append(f'<span class="tok {region}" style="background:{_shade(a, scale)}" '
+                     f'title="{a:+.4f} ({region})">{shown}</span>')  # fmt: skip
+    return (f'<div class="score">score {t["score"]:+.3f} (baseline {t["baseline_score"]:+.3f}, gap '
+            f'{t["gap"]:+.4f})</div><div class="text">{"".join(spans)}</div>')  # fmt: skip
+
+
+def render_html(texts: list[dict], probes: list[dict], cfg: ExplainConfig) -> str:
+    """One self-contained page: the probe table, then per row its texts side by side (chosen next to rejected)
+    with the margin."""
+    by_row: dict[int, dict[str, dict]] = {}
+    for t in texts:
+        by_row.setdefault(t["row"], {})[t["side"]] = t
+    probe_rows = "".join(
+        f"<tr class='{'flag' if p['flagged'] else ''}'><td>{p['rule']}</td><td>{html.escape(p['what'])}</td>"
+        f"<td>{p['rows']}</td><td>{p['mean_change']:+.3f}</td><td>{p['share_rose']:.0%}</td>"
+        f"<td>{p['sound_model']}</td><td>{'FLAGGED' if p['flagged'] else 'ok'}</td></tr>"
+        for p in probes
+    )
+    blocks = []
+    for i, sides in sorted(by_row.items()):
+        first = next(iter(sides.values()))
+        prompt = first["prompt"][-1]["content"] if isinstance(first["prompt"], list) else first["prompt"]
+        margin = ""
+        if {"chosen", "rejected"} <= sides.keys():
+            margin = f" &mdash; margin {sides['chosen']['score'] - sides['rejected']['score']:+.3f}"
+        cells = "".join(f"<td><h4>{side}</h4>{_text_html(t)}</td>" for side, t in sides.items())
+        blocks.append(f"<h3>row {i}: {html.escape(prompt)}{margin}</h3><table class='pair'><tr>{cells}</tr></table>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>llmpipe explain: {html.escape(str(cfg.reward_model))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }}
+table.pair {{ width: 100%; }} table.pair td {{ width: 50%; }}
+.tok {{ font-family: ui-monospace, monospace; white-space: pre-wrap; border-radius: 3px; }}
+.tok.prompt {{ border-bottom: 2px solid #99c; }} .tok.end {{ border-bottom: 2px solid #c9c; }}
+.score {{ color: #555; font-size: 90%; margin-bottom: 4px; }} tr.flag {{ background: #fdd; }}
+</style></head><body>
+<h1>Why the reward model scored that</h1>
+<p>Reward model <code>{html.escape(str(cfg.reward_model))}</code>, rows from <code>{html.escape(str(cfg.data.path))}
+</code>. Integrated gradients over the input embeddings, {cfg.n_steps} steps from a {cfg.baseline} baseline: green
+tokens raise the score, red ones lower it (hover for the value). Underlined blue: prompt; purple: end of turn.</p>
+<h2>Counterfactual probe</h2>
+<table><tr><th>rule</th><th>rewrite</th><th>rows</th><th>mean score change</th><th>share rose</th>
+<th>a sound model's score</th><th></th></tr>{probe_rows}</table>
+<h2>Rows</h2>
+{"".join(blocks)}
+</body></html>
+"""
+
+
+def plot_aggregates(summary: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    shares = summary["region_share"]
+    left.bar(list(shares), [shares[r] for r in shares], color=["#99c", "#4a4", "#c9c"])
+    left.set_title("share of |attribution| by region")
+    left.set_ylim(0, 1)
+    top = summary["top_tokens"][:12][::-1]
+    right.barh([repr(t["token"]) for t in top], [t["mean"] for t in top],
+               color=["#2a2" if t["mean"] >= 0 else "#d33" for t in top])  # fmt: skip
+    right.set_title("tokens with the most |attribution|: mean attribution")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def show_in_terminal(texts: list[dict], probes: list[dict]) -> None:
+    """The first texts with their tokens shaded by attribution, and the probe table (rich, on stderr)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(stderr=True)
+    for t in texts:
+        scale = max((abs(a) for a in t["attributions"]), default=1.0)
+        line = Text(f"row {t['row']} {t['side']} (score {t['score']:+.3f}): ")
+        for token, a in zip(t["tokens"], t["attributions"], strict=True):
+            level = int(min(1.0, abs(a) / scale) * 4) if scale > 0 else 0
+            colour = ["", "on #d9f2df", "on #9fdcaf", "on #5cc27a", "on #1f9e48"][level]
+            if a < 0 and level:
+                colour = ["", "on #f7dada", "on #eea3a3", "on #e06a6a", "on #c43030"][level]
+            line.append(token.replace("\n", "\\n"), style=colour)
+        console.print(line)
+    table = Table(title="counterfactual probe")
+    for column in ("rule", "rows", "mean change", "rose", "sound model", ""):
+        table.add_column(column)
+    for p in probes:
+        table.add_row(p["rule"], str(p["rows"]), f"{p['mean_change']:+.3f}", f"{p['share_rose']:.0%}",
+                      p["sound_model"], "[red]FLAGGED[/red]" if p["flagged"] else "ok")  # fmt: skip
+    console.print(table)
