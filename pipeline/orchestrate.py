@@ -52,7 +52,7 @@ from pipeline.data import check_data_paths
 
 REF = "stage:"
 # Stages a pipeline may hold: the ones that read and write artifact folders (annotate needs a person).
-PIPELINE_STAGES = ("tokenizer", "pretrain", "sft", "pairs", "reward", "dpo", "ppo", "grpo", "eval")
+PIPELINE_STAGES = ("tokenizer", "pretrain", "sft", "pairs", "reward", "dpo", "ppo", "grpo", "eval", "explain")
 STATE_FILE = "pipeline.json"
 
 

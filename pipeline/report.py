@@ -210,6 +210,38 @@ def _save_grid(fig, axes, used: int, path: Path) -> bool:
     return True
 
 
+def explain_section(run_dir: Path, stage: dict) -> list[str]:
+    """The reward model, explained (an explain stage): the probe's table, where the score comes from, and the
+    first texts (ppo's best-rewarded answers with order top_score) with their most attributed tokens."""
+    name, metrics = stage["name"], stage["manifest"]["metrics"]
+    folder = run_dir / name
+    shares = metrics.get("region_share", {})
+    lines = [f"## Reward model, explained ({name})", "",
+             f"Token attributions (integrated gradients) of the reward model's score on {metrics.get('texts')} "
+             f"texts: prompt {_fmt(shares.get('prompt'))}, answer {_fmt(shares.get('answer'))}, end of turn "
+             f"{_fmt(shares.get('end'))} of the attribution. Every text shaded: [{name}/explain.html]"
+             f"({name}/explain.html).", "",
+             "| probe | rewrite | rows | mean score change | share rose | a sound model's score | |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in metrics.get("probes", []):
+        verdict = "**flagged**" if p["flagged"] else "ok"
+        lines.append(f"| {p['rule']} | {p['what']} | {p['rows']} | {_fmt(p['mean_change'])} | "
+                     f"{_fmt(p['share_rose'])} | {p['sound_model']} | {verdict} |")  # fmt: skip
+    lines.append("")
+    texts_file = folder / "attributions.jsonl"
+    if texts_file.is_file():
+        texts = [json.loads(line) for line in texts_file.read_text(encoding="utf-8").splitlines()[:3]]
+        for t in texts:
+            prompt = t["prompt"][-1]["content"] if isinstance(t["prompt"], list) else t["prompt"]
+            top = sorted(range(len(t["tokens"])), key=lambda i: -abs(t["attributions"][i]))[:3]
+            shown = ", ".join(f"`{t['tokens'][i]!r}` {t['attributions'][i]:+.2f} ({t['regions'][i]})" for i in top)
+            lines.append(f"- {prompt!r} -> {t['answer']!r}: score {t['score']:+.2f}; most attributed {shown}")
+        lines.append("")
+    if (folder / "attributions.png").is_file():
+        lines += [f"![attributions]({name}/attributions.png)", ""]
+    return lines
+
+
 def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -277,6 +309,9 @@ def build_report(run_dir: str | Path) -> Path:
         series = [(s, [values.get((s, m)) for m in metric_names]) for s in eval_stages]
         if plot_bars(metric_names, series, "evaluation by stage", run_dir / "eval.png"):
             lines += ["![evaluation](eval.png)", ""]
+
+    for stage in (s for s in stages if s["kind"] == "explain" and s["manifest"]):
+        lines += explain_section(run_dir, stage)
 
     if plot_curves(stages, run_dir / "training_curves.png"):
         lines += ["## Training curves", "", "![training curves](training_curves.png)", ""]

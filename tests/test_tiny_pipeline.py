@@ -53,9 +53,13 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     assert grpo["heldout_before"]["exact_match"] == ppo["heldout_before"]["exact_match"]  # one held-out set, one sft
     assert grpo["heldout_after"]["exact_match"] >= grpo["heldout_before"]["exact_match"] - 0.05
 
+    explain = metrics("explain")  # the shipped reward model falls for none of the rewrites (issue 22)
+    assert explain["texts"] == 12 and explain["flagged_probes"] == [], explain["probes"]
+    assert explain["gap_within_5pct"] >= 0.75
+
     report = (run / "report.md").read_text()
-    assert "of prompt groups had equal rewards" in report
-    for stage in ("pretrain", "sft", "pairs", "reward", "dpo", "ppo", "eval_ppo", "grpo", "eval_grpo"):
+    assert "of prompt groups had equal rewards" in report and "## Reward model, explained" in report
+    for stage in ("pretrain", "sft", "pairs", "reward", "dpo", "ppo", "eval_ppo", "explain", "grpo", "eval_grpo"):
         assert f"| {stage} |" in report
     for png in ("training_curves.png", "eval.png", "stage_metrics.png"):
         assert (run / png).stat().st_size > 10_000, png

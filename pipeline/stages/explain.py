@@ -51,7 +51,11 @@ class ExplainConfig:
         help="Rows to explain: preference pairs (prompt?/chosen/rejected, trl's formats: a preference file, "
         "pairs.jsonl) or answers (`prompt` and `response`, e.g. ppo's samples.jsonl)."
     )
-    max_rows: int = field(40, "Explain at most the first N rows.", ge=1)
+    max_rows: int = field(40, "Explain at most N rows (the first, or the top-scored: `order`).", ge=1)
+    order: str = field(
+        "file", "Which rows: file (the first max_rows) or top_score (the highest `score` column first: the answers "
+        "a policy was rewarded most for, e.g. ppo's samples.jsonl, where reward hacking shows).",
+    )  # fmt: skip
     n_steps: int = field(64, "Integration steps of integrated gradients (more: smaller completeness gap).", ge=2)
     baseline: str = field("pad", "Baseline input: pad (each embedding the pad token's) or zero.")
     attribute: str = field(
@@ -69,6 +73,8 @@ class ExplainConfig:
 
     def check(self) -> list[str]:
         problems = []
+        if self.order not in ("file", "top_score"):
+            problems.append(f"order: got {self.order!r}, expected file or top_score")
         if self.attribute not in ("all", "answer"):
             problems.append(f"attribute: got {self.attribute!r}, expected all or answer")
         if self.baseline not in ("pad", "zero"):
@@ -102,10 +108,22 @@ def load_rows(cfg: ExplainConfig) -> list[dict]:
         for i, r in enumerate(probe):
             if not isinstance(r["response"], str) or not r["prompt"]:
                 raise UserError(f"{cfg.data.path}: row {i}: 'response' must be a string and 'prompt' non-empty")
-            rows.append({"prompt": r["prompt"], "sides": {"response": as_reply(r["prompt"], r["response"])}})
+            rows.append({"prompt": r["prompt"], "sides": {"response": as_reply(r["prompt"], r["response"])},
+                         "score": r.get("score")})  # fmt: skip
     else:
         raise UserError(f"{cfg.data.path}: rows need chosen and rejected (preference pairs) or prompt and response "
                         f"(answers, e.g. ppo's samples.jsonl); found columns {sorted(columns)}")  # fmt: skip
+    if cfg.order == "top_score":
+        if any(not isinstance(r.get("score"), (int, float)) for r in rows):
+            raise UserError(f"{cfg.data.path}: order: top_score needs a numeric `score` on every row (ppo's "
+                            "samples.jsonl has one); use order: file")  # fmt: skip
+        seen, unique = set(), []
+        for r in sorted(rows, key=lambda r: -r["score"]):  # ppo logs a prompt's answer at several steps: once each
+            key = json.dumps([r["prompt"], r["sides"]], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                unique.append(r)
+        rows = unique
     return rows[: cfg.max_rows]
 
 
