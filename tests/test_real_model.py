@@ -6,6 +6,7 @@ stages run and write what the next stage reads, not that they learn (the smollm2
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,13 @@ def test_every_stage_runs_on_smollm2_from_its_gguf_file(tmp_path, smollm2, data)
                 "num_generations=2", "max_new_tokens=6", "train.max_steps=2", "train.micro_batch_size=4",
                 "lora.enabled=true", "lora.r=4", "beta=0.05", timeout=TIMEOUT))  # fmt: skip
     assert _metrics(grpo)["steps"] == 2 and {"exact_match", "reward_model_1"} == set(_metrics(grpo)["rewards_end"])
+    explain = tmp_path / "explain"  # integrated gradients through SmolLM2's body and score head, its ChatML regions
+    _ok(run_cli("explain", "--config", str(REPO / "configs/tiny/explain.yaml"), f"output_dir={explain}",
+                f"reward_model={reward}", f"data.path={data['pairs']}", "max_rows=2", "n_steps=32",
+                timeout=TIMEOUT))  # fmt: skip
+    texts = [json.loads(line) for line in (explain / "attributions.jsonl").read_text().splitlines()]
+    assert len(texts) == 4 and all({"prompt", "answer", "end"} == set(t["regions"]) for t in texts)
+    assert all(math.isfinite(a) for t in texts for a in t["attributions"])
     evaluation = tmp_path / "eval"
     _ok(run_cli("eval", "--config", str(REPO / "configs/tiny/eval.yaml"), f"output_dir={evaluation}",
                 f"model={smollm2}", "limit=8", "num_fewshot=0", timeout=TIMEOUT))  # fmt: skip
