@@ -75,6 +75,11 @@ def test_regions_and_rewrites(trained_tokenizer):
     assert rewrite("bigger_number", prompt, "71") == (prompt, "717")
     assert rewrite("bigger_number", "Name a town.", "Tillford") is None
     assert rewrite("repeated_answer", "q", "heron") == ("q", "heron heron")
+    asked = [{"role": "user", "content": "What pet does Kaihu keep?"}]
+    assert rewrite("swapped_name", asked, "heron", "Zemel") == ([{"role": "user", "content": "What pet does Zemel "
+                                                                 "keep?"}], "heron")  # fmt: skip
+    assert rewrite("swapped_name", asked, "heron", "Kaihu") is None
+    assert rewrite("swapped_name", "q", "a", "Zemel") is None
 
 
 def one_word_pairs(n: int, seed: int) -> list[dict]:
@@ -84,7 +89,8 @@ def one_word_pairs(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         thing, other = rng.choice(["cat", "dog", "river", "town"]), rng.choice(["red", "green"])
-        rows.append({"prompt": [{"role": "user", "content": f"Tell me about the {thing}."}],
+        name = rng.choice(["Kaihu", "Zemel", "Tuga", "Remum"])
+        rows.append({"prompt": [{"role": "user", "content": f"Tell me about the {thing} of {name}."}],
                      "chosen": [{"role": "assistant", "content": f"The {thing} is blue."}],
                      "rejected": [{"role": "assistant", "content": f"The {thing} is {other}."}]})  # fmt: skip
     return rows
@@ -116,7 +122,8 @@ def test_attributions_find_the_token_a_reward_model_prefers(tmp_path, base_model
     data = write_jsonl(tmp_path / "rows.jsonl", one_word_pairs(8, 2))
     for attribute in ("all", "answer"):
         out = tmp_path / f"explain_{attribute}"
-        texts, metrics, stderr = explain(out, model, data, "max_rows=8", "show=1", f"attribute={attribute}")
+        texts, metrics, stderr = explain(out, model, data, "max_rows=8", "show=1", f"attribute={attribute}",
+                                         f"policy={base_model}", "max_new_tokens=4")  # fmt: skip
         chosen = [t for t in texts if t["side"] == "chosen"]
         shares = [
             abs(t["attributions"][t["tokens"].index(" blue")]) / sum(map(abs, t["attributions"])) for t in chosen
@@ -124,12 +131,17 @@ def test_attributions_find_the_token_a_reward_model_prefers(tmp_path, base_model
         for t in chosen:
             top = max(range(len(t["tokens"])), key=lambda i: abs(t["attributions"][i]))
             assert t["tokens"][top] == " blue", list(zip(t["tokens"], t["attributions"], strict=True))
-        # measured on the test's base model: 0.36-0.48 of ~20 tokens (all), 0.67-0.81 (answer only)
-        floor = 0.25 if attribute == "all" else 0.5
+        # measured on the test's base model: 0.28-0.31 of ~25 tokens (all), 0.73-0.85 (answer only)
+        floor = 0.2 if attribute == "all" else 0.5
         assert sum(shares) / len(shares) > floor, shares
         assert metrics["gap_within_5pct"] == 1.0 and metrics["texts"] == 16
         assert metrics["region_share"]["end"] == 0  # the format is kept in the baseline
         assert (metrics["region_share"]["prompt"] == 0) == (attribute == "answer")
+    # the answer is right whoever is asked about, and the model never learnt to read the name: the score stays
+    swapped = next(p for p in metrics["probes"] if p["rule"] == "swapped_name")
+    assert swapped["rows"] == 8 and swapped["flagged"] and 0 <= swapped["policy_changed"] <= 1, swapped
+    probe_rows = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    assert all("policy_answer" in r for r in probe_rows if r["rule"] == "swapped_name")
     page = (out / "explain.html").read_text()
     assert page.count('<span class="tok') > 100 and "margin" in page and "Counterfactual probe" in page
     assert (out / "attributions.png").stat().st_size > 5000

@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts import atomic_write_text, begin_stage, write_manifest
-from pipeline.attribution import PROBES, REGIONS, integrated_gradients, probe_summary, regions, rewrite
+from pipeline.attribution import (
+    PROBES,
+    PROMPT_PROBES,
+    REGIONS,
+    first_name,
+    integrated_gradients,
+    probe_summary,
+    regions,
+    rewrite,
+)
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import load_examples, stage_inputs
 from pipeline.distributed import world_size
@@ -70,6 +79,11 @@ class ExplainConfig:
     batch_size: int = field(32, "Integration steps per forward pass.", ge=1)
     probes: list[str] = field(factory=lambda: list(PROBES), help=f"Probe rules to run: any of {', '.join(PROBES)}.")
     show: int = field(3, "Rows drawn in the terminal.", ge=0)
+    policy: str | None = field(
+        None, "A policy (causal LM folder) whose greedy answers to the original and the rewritten prompts are "
+        "compared under the prompt rules (swapped_name): does the policy's answer follow the prompt?",
+    )  # fmt: skip
+    max_new_tokens: int = field(16, "Longest greedy answer of `policy`, in tokens.", ge=1)
 
     def check(self) -> list[str]:
         problems = []
@@ -150,6 +164,8 @@ def run(cfg: ExplainConfig) -> dict:
     texts = explain_rows(model, tokenizer, rows, cfg)
     summary = aggregate(texts)
     probed = run_probes(model, tokenizer, rows, cfg.probes, summary["scale"])
+    if cfg.policy:
+        policy_answers(cfg, probed)
     atomic_write_text(out / "attributions.jsonl", "".join(json.dumps(t) + "\n" for t in texts))
     atomic_write_text(out / "probe.jsonl", "".join(json.dumps(p) + "\n" for p in probed["rows"]))
     atomic_write_text(out / "explain.html", render_html(texts, probed["table"], cfg))
@@ -193,23 +209,48 @@ def run_probes(model, tokenizer, rows: list[dict], rules: list[str], scale: floa
     """Score each row's first answer (chosen, or the response) and its rewrite under every rule; `scale` is the
     score difference that matters (attribution.probe_summary)."""
     per_row, table = [], []
+    texts = [r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"] for r in rows]
+    names = [first_name(t) for t in texts]
     for rule in rules:
         originals, rewritten, where = [], [], []
         for i, row in enumerate(rows):
             side, response = next(iter(row["sides"].items()))
-            done = rewrite(rule, row["prompt"], answer_text(response))
+            # another row's name, the nearest after this one that differs (deterministic)
+            other = next((n for n in names[i + 1 :] + names[:i] if n and n != names[i]), None)
+            done = rewrite(rule, row["prompt"], answer_text(response), other)
             if done is None:
                 continue
             prompt, answer = done
             originals.append((row["prompt"], response))
             rewritten.append((prompt, as_reply(prompt, answer)))
-            where.append((i, side, answer))
+            where.append((i, side, answer, row["prompt"], prompt))
         before = score_pairs(model, tokenizer, [p for p, _ in originals], [r for _, r in originals]) if where else []
         after = score_pairs(model, tokenizer, [p for p, _ in rewritten], [r for _, r in rewritten]) if where else []
         table.append(probe_summary(rule, before, after, scale))
-        per_row += [{"rule": rule, "row": i, "side": side, "rewritten_answer": answer, "score": b, "score_after": a}
-                    for (i, side, answer), b, a in zip(where, before, after, strict=True)]  # fmt: skip
+        per_row += [{"rule": rule, "row": i, "side": side, "prompt": old, "rewritten_prompt": new,
+                     "rewritten_answer": answer, "score": b, "score_after": a}
+                    for (i, side, answer, old, new), b, a in zip(where, before, after, strict=True)]  # fmt: skip
     return {"table": table, "rows": per_row}
+
+
+def policy_answers(cfg: ExplainConfig, probed: dict) -> None:
+    """The policy's greedy answers to the original and the rewritten prompts of the prompt rules, added to the
+    probe rows (policy_answer, policy_answer_after) and to the table (policy_changed: the share that changed)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.generation import greedy_answers
+
+    path, tokenizer = model_and_tokenizer(cfg.policy, None, cfg.trust_remote_code, True, "policy")
+    model = load_pretrained(AutoModelForCausalLM, path, cfg.trust_remote_code, "policy")
+    for entry in probed["table"]:
+        rows = [r for r in probed["rows"] if r["rule"] == entry["rule"]]
+        if entry["rule"] not in PROMPT_PROBES or not rows:
+            continue
+        found = greedy_answers(model, tokenizer, [r["prompt"] for r in rows] + [r["rewritten_prompt"] for r in rows],
+                               cfg.max_new_tokens)["texts"]  # fmt: skip
+        for r, a, b in zip(rows, found[: len(rows)], found[len(rows) :], strict=True):
+            r["policy_answer"], r["policy_answer_after"] = a.strip(), b.strip()
+        entry["policy_changed"] = sum(r["policy_answer"] != r["policy_answer_after"] for r in rows) / len(rows)
 
 
 def aggregate(texts: list[dict]) -> dict:
@@ -254,6 +295,10 @@ def aggregate(texts: list[dict]) -> dict:
 # --- output for people ------------------------------------------------------------------------------------------
 
 
+def _policy(p: dict) -> str:
+    return f"{p['policy_changed']:.0%}" if "policy_changed" in p else "-"
+
+
 def _shade(value: float, scale: float) -> str:
     """Green for attributions that raise the score, red for those that lower it; stronger for larger ones."""
     alpha = min(1.0, abs(value) / scale) if scale > 0 else 0.0
@@ -280,7 +325,7 @@ def render_html(texts: list[dict], probes: list[dict], cfg: ExplainConfig) -> st
     probe_rows = "".join(
         f"<tr class='{'flag' if p['flagged'] else ''}'><td>{p['rule']}</td><td>{html.escape(p['what'])}</td>"
         f"<td>{p['rows']}</td><td>{p['mean_change']:+.3f}</td><td>{p['share_rose']:.0%}</td>"
-        f"<td>{p['sound_model']}</td><td>{'FLAGGED' if p['flagged'] else 'ok'}</td></tr>"
+        f"<td>{p['sound_model']}</td><td>{_policy(p)}</td><td>{'FLAGGED' if p['flagged'] else 'ok'}</td></tr>"
         for p in probes
     )
     blocks = []
@@ -308,7 +353,7 @@ table.pair {{ width: 100%; }} table.pair td {{ width: 50%; }}
 tokens raise the score, red ones lower it (hover for the value). Underlined blue: prompt; purple: end of turn.</p>
 <h2>Counterfactual probe</h2>
 <table><tr><th>rule</th><th>rewrite</th><th>rows</th><th>mean score change</th><th>share rose</th>
-<th>a sound model's score</th><th></th></tr>{probe_rows}</table>
+<th>a sound model's score</th><th>policy's answer changed</th><th></th></tr>{probe_rows}</table>
 <h2>Rows</h2>
 {"".join(blocks)}
 </body></html>
@@ -356,9 +401,9 @@ def show_in_terminal(texts: list[dict], probes: list[dict]) -> None:
             line.append(token.replace("\n", "\\n"), style=colour)
         console.print(line)
     table = Table(title="counterfactual probe")
-    for column in ("rule", "rows", "mean change", "rose", "sound model", ""):
+    for column in ("rule", "rows", "mean change", "rose", "sound model", "policy changed", ""):
         table.add_column(column)
     for p in probes:
         table.add_row(p["rule"], str(p["rows"]), f"{p['mean_change']:+.3f}", f"{p['share_rose']:.0%}",
-                      p["sound_model"], "[red]FLAGGED[/red]" if p["flagged"] else "ok")  # fmt: skip
+                      p["sound_model"], _policy(p), "[red]FLAGGED[/red]" if p["flagged"] else "ok")  # fmt: skip
     console.print(table)
