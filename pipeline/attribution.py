@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 
 from pipeline.config import UserError
+from pipeline.formats import last_text
 
 REGIONS = ("prompt", "answer", "end")
 
@@ -155,8 +156,7 @@ def rewrite(rule: str, prompt, answer: str, other: str | None = None):
     """Apply probe `rule` to a (prompt, answer text) pair whose prompt is a string or a message list; the prompt
     comes back in its own format. `other`: a name from another row (swapped_name). None where the rule does not
     apply."""
-    text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-    done = PROBES[rule][0](text, answer, other)
+    done = PROBES[rule][0](last_text(prompt), answer, other)
     if done is None:
         return None
     new_text, new_answer = done

@@ -6,6 +6,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from pipeline.formats import last_text
+
 
 def _policy(p: dict) -> str:
     return f"{p['policy_changed']:.0%}" if "policy_changed" in p else "-"
@@ -45,7 +47,7 @@ def render_html(
     blocks = []
     for i, sides in sorted(by_row.items()):
         first = next(iter(sides.values()))
-        prompt = first["prompt"][-1]["content"] if isinstance(first["prompt"], list) else first["prompt"]
+        prompt = last_text(first["prompt"])
         margin = ""
         if {"chosen", "rejected"} <= sides.keys():
             margin = f" &mdash; margin {sides['chosen']['score'] - sides['rejected']['score']:+.3f}"

@@ -170,6 +170,11 @@ def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_ref
     return list(rows.values())
 
 
+def last_text(value) -> str:
+    """The text of a prompt, reply or completion: a string as it is, or the content of its last message."""
+    return value[-1]["content"] if isinstance(value, list) else value
+
+
 def _final_reply(chosen) -> str:
     """The text of a chosen reply: a string, or the last assistant message of a message list."""
     if isinstance(chosen, str):

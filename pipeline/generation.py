@@ -178,12 +178,6 @@ def greedy_exact_match(rows: list[dict], texts: list[str]) -> tuple[float, list[
     return sum(hits) / len(hits), examples
 
 
-def heldout_exact_match(model, tokenizer, rows: list[dict], max_new_tokens: int) -> tuple[float, list[dict]]:
-    """Greedy exact match of a model on held-out questions: (share right, first three examples)."""
-    answers = greedy_answers(model, tokenizer, [r["question"] for r in rows], max_new_tokens)
-    return greedy_exact_match(rows, answers["texts"])
-
-
 def heldout_metrics(model, tokenizer, rows: list[dict], scorers: dict, max_new_tokens: int, accelerator) -> dict:
     """One greedy answer per held-out question (`question`, `answer` rows): its exact match (greedy_exact_match),
     the mean of each `scorers[name](prompts, texts, references)` under its name (e.g. "reward"), and the share of

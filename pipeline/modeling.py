@@ -211,8 +211,9 @@ def _whole_copy(peft_model, state_dict: dict):
     with whole_weights():
         copy = get_peft_model(type(base)(base.config).to(dtype), peft_model.peft_config[peft_model.active_adapter])
     missing, unexpected = copy.load_state_dict(state_dict, strict=False)
-    loaded = {copy.state_dict()[k].data_ptr() for k in state_dict if k in copy.state_dict()}
-    untied = [k for k in missing if copy.state_dict()[k].data_ptr() not in loaded]  # tied weights come once
+    own = copy.state_dict()
+    loaded = {own[k].data_ptr() for k in state_dict if k in own}
+    untied = [k for k in missing if own[k].data_ptr() not in loaded]  # tied weights come once
     if unexpected or untied:
         raise StageFailed(f"gathered weights do not fit the model: missing {untied[:5]}, unexpected {unexpected[:5]}")
     return copy

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, atomic_write_text
 from pipeline.config import UserError
+from pipeline.formats import last_text
 
 # (manifest key before, key after, label, higher is better) per stage kind: what each stage is meant to move
 HEADLINES = {
@@ -232,7 +233,7 @@ def explain_section(run_dir: Path, stage: dict) -> list[str]:
     if texts_file.is_file():
         texts = [json.loads(line) for line in texts_file.read_text(encoding="utf-8").splitlines()[:3]]
         for t in texts:
-            prompt = t["prompt"][-1]["content"] if isinstance(t["prompt"], list) else t["prompt"]
+            prompt = last_text(t["prompt"])
             top = sorted(range(len(t["tokens"])), key=lambda i: -abs(t["attributions"][i]))[:3]
             shown = ", ".join(f"`{t['tokens'][i]!r}` {t['attributions'][i]:+.2f} ({t['regions'][i]})" for i in top)
             lines.append(f"- {prompt!r} -> {t['answer']!r}: score {t['score']:+.2f}; most attributed {shown}")

@@ -42,7 +42,7 @@ from pipeline.attribution_views import plot_aggregates, render_html, show_in_ter
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import load_examples, stage_inputs
 from pipeline.distributed import world_size
-from pipeline.formats import load_preference_pairs
+from pipeline.formats import last_text, load_preference_pairs
 from pipeline.modeling import load_pretrained, model_and_tokenizer
 from pipeline.rewards import as_reply, reward_inputs, score_pairs
 from pipeline.tracking import log
@@ -141,10 +141,6 @@ def load_rows(cfg: ExplainConfig) -> list[dict]:
     return rows[: cfg.max_rows]
 
 
-def answer_text(response) -> str:
-    return response[-1]["content"] if isinstance(response, list) else response
-
-
 def run(cfg: ExplainConfig) -> dict:
     from transformers import AutoModelForSequenceClassification
 
@@ -201,7 +197,7 @@ def explain_rows(model, tokenizer, rows: list[dict], cfg: ExplainConfig) -> list
             fixed.add("prompt")
         keep = [(cfg.keep_format and t in special) or r in fixed for t, r in zip(ids, where, strict=True)]
         found = integrated_gradients(model, ids, cfg.n_steps, cfg.baseline, cfg.batch_size, keep)
-        texts.append({"row": i, "side": side, "prompt": prompt, "answer": answer_text(response), "ids": ids,
+        texts.append({"row": i, "side": side, "prompt": prompt, "answer": last_text(response), "ids": ids,
                       "tokens": [tokenizer.decode([t]) for t in ids], "regions": where, **found})  # fmt: skip
     return texts
 
@@ -210,15 +206,14 @@ def run_probes(model, tokenizer, rows: list[dict], rules: list[str], scale: floa
     """Score each row's first answer (chosen, or the response) and its rewrite under every rule; `scale` is the
     score difference that matters (attribution.probe_summary)."""
     per_row, table = [], []
-    texts = [r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else r["prompt"] for r in rows]
-    names = [first_name(t) for t in texts]
+    names = [first_name(last_text(r["prompt"])) for r in rows]
     for rule in rules:
         originals, rewritten, where = [], [], []
         for i, row in enumerate(rows):
             side, response = next(iter(row["sides"].items()))
             # another row's name, the nearest after this one that differs (deterministic)
             other = next((n for n in names[i + 1 :] + names[:i] if n and n != names[i]), None)
-            done = rewrite(rule, row["prompt"], answer_text(response), other)
+            done = rewrite(rule, row["prompt"], last_text(response), other)
             if done is None:
                 continue
             prompt, answer = done

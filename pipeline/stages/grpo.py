@@ -29,7 +29,7 @@ from pipeline.artifacts import begin_stage, describe_input, write_manifest
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, world_size
-from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
+from pipeline.formats import last_text, load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config
 from pipeline.rewards import EXACT_MATCH, load_scorer, reward_kind
@@ -136,11 +136,6 @@ def heldout_questions(cfg: GRPOConfig, prompts: list) -> list[dict]:
     return rows
 
 
-def completion_text(completion) -> str:
-    """The text of one of trl's completions: a string, or the content of its [assistant message]."""
-    return completion[-1]["content"] if isinstance(completion, list) else completion
-
-
 def reward_scorers(cfg: GRPOConfig, device) -> list[tuple[str, object]]:
     """(name, scorer(prompts, texts, references)) for every reward entry, in order, each loaded (and checked) once;
     the name is the entry itself, or reward_model_<index> for a model (trl logs rewards/<name>/mean and std)."""
@@ -153,7 +148,7 @@ def trl_reward(name: str, scorer):
     """A scorer as trl calls a reward: fn(prompts, completions, reference=..., **columns) -> floats, named."""
 
     def reward(prompts, completions, reference=None, **columns):
-        return scorer(prompts, [completion_text(c) for c in completions], reference)
+        return scorer(prompts, [last_text(c) for c in completions], reference)
 
     reward.__name__ = name
     return reward
@@ -179,7 +174,7 @@ def recording(trainer_class, completions_log, names: list[str]):
             if completions_log is not None:  # gathered over processes: rank 0's rows come first
                 for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
                     completions_log.write(self.state.global_step + 1, {
-                        "prompt": prompt, "completion": completion_text(completion),
+                        "prompt": prompt, "completion": last_text(completion),
                         "rewards": dict(zip(names, rewards[i].tolist(), strict=True))})  # fmt: skip
             return rewards
 
