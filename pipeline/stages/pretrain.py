@@ -32,6 +32,7 @@ from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkp
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
 from pipeline.data import describe_data, load_examples, pack_dataset
 from pipeline.distributed import all_finite, launch_facts, make_accelerator, world_size
+from pipeline.fastpath import StepClock, adamw, fuse_lm_loss, where_it_pays
 from pipeline.modeling import (
     ModelConfig,
     build_model,
@@ -67,7 +68,15 @@ class TrainConfig:
     eps: float = field(1e-8, "AdamW epsilon.", gt=0)
     grad_clip: float = field(1.0, "Clip the global gradient norm to this (0: no clipping).", ge=0.0)
     gradient_checkpointing: bool = field(False, "Recompute activations in backward: less memory, ~30% slower.")
-    compile: bool = field(False, "torch.compile the model (GPU; slow to start, not worth it on tiny CPU runs).")
+    compile: bool | None = field(
+        None, "torch.compile the model and its loss. None: on a GPU, not on a CPU (bench/RESULTS.md)."
+    )
+    fused_adamw: bool | None = field(None, "AdamW as one fused kernel per step. None: on a GPU, not on a CPU.")
+    fused_loss: bool = field(
+        False, "LM head + cross-entropy in chunks, never the whole logits (Liger's fused linear cross-entropy, in "
+        "PyTorch): less memory, so a larger micro-batch fits. Not under ZeRO-3.",
+    )  # fmt: skip
+    fused_loss_chunk: int = field(4096, "fused_loss: tokens per chunk.", ge=1)
 
     def check(self) -> list[str]:
         if self.schedule not in ("cosine", "wsd", "constant"):
@@ -94,6 +103,10 @@ class PretrainConfig:
     )
     train: TrainConfig = field(factory=TrainConfig, help="Optimisation.")
     log_every: int = field(10, "Log loss, lr, grad norm, tokens/s and MFU every N steps.", ge=1)
+    timing_warmup_steps: int = field(
+        3, "Steps (of each start or resume) left out of the manifest's tokens/s and MFU: compilation and warm-up, "
+        "reported apart as warmup_seconds.", ge=0,
+    )  # fmt: skip
     eval_every: int = field(100, "Validation loss and perplexity every N steps (and at the end).", ge=1)
     eval_batches: int = field(
         20, "Validation micro-batches per evaluation over all processes (a multiple of the process count).", ge=1
@@ -231,15 +244,20 @@ def run(cfg: PretrainConfig) -> dict | None:
     )
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps
+    device = accelerator.device
+    fused_adamw, compile_model = (where_it_pays(v, device) for v in (cfg.train.fused_adamw, cfg.train.compile))
+    optimizer = adamw(
+        param_groups(model, cfg.train.weight_decay), cfg.train.lr, cfg.train.betas, cfg.train.eps, fused_adamw
     )
     if accelerator.state.deepspeed_plugin is not None:
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config["train_micro_batch_size_per_gpu"] = micro
         ds_config["gradient_clipping"] = cfg.train.grad_clip
-    if cfg.train.compile:
-        model = torch.compile(model)
+    if cfg.train.fused_loss:
+        plugin = accelerator.state.deepspeed_plugin
+        fuse_lm_loss(model, cfg.train.fused_loss_chunk, plugin.zero_stage if plugin else None)
+    if compile_model:  # in place: torch.compile(model)'s wrapper would save every weight as `_orig_mod.<name>`
+        model.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step, state = 0, {}
@@ -280,7 +298,8 @@ def run(cfg: PretrainConfig) -> dict | None:
     if val_loss_initial is None:
         val_loss_initial = evaluate()
         metrics_log.write(0, {"val_loss": val_loss_initial, "val_ppl": math.exp(min(val_loss_initial, 50))})
-    first_samples, train_seconds, last = None, state.get("train_seconds", 0.0), {}
+    first_samples, last = None, {}
+    clock = StepClock.resumed(cfg.timing_warmup_steps, state)
     window = {"loss": 0.0, "steps": 0, "seconds": 0.0}
     bar = tqdm(
         total=cfg.train.max_steps,
@@ -291,7 +310,7 @@ def run(cfg: PretrainConfig) -> dict | None:
         dynamic_ncols=True,
     )
     for step in range(start_step, cfg.train.max_steps):
-        step_start = time.perf_counter()
+        clock.start()
         lr = learning_rate(step, cfg.train)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -315,8 +334,7 @@ def run(cfg: PretrainConfig) -> dict | None:
                             "Lower train.lr or raise train.warmup_steps"))  # fmt: skip
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - step_start
-        train_seconds += seconds
+        seconds = clock.stop()
         window["loss"] += step_loss.item()
         window["steps"] += 1
         window["seconds"] += seconds
@@ -351,7 +369,7 @@ def run(cfg: PretrainConfig) -> dict | None:
                 done,
                 {
                     "val_loss_initial": val_loss_initial,
-                    "train_seconds": train_seconds,
+                    **clock.state(),
                     "tokens": done * tokens_per_step,
                 },
                 cfg.keep_checkpoints,
@@ -370,15 +388,18 @@ def run(cfg: PretrainConfig) -> dict | None:
         unwrapped.config.use_cache = True
         with atomic_dir(out / "model") as tmp:
             save_model(unwrapped, tokenizer, tmp, state_dict=state_dict)
-        total_tokens = (cfg.train.max_steps - 0) * tokens_per_step
+        total_tokens = cfg.train.max_steps * tokens_per_step
+        steady = clock.tokens_per_second(tokens_per_step, cfg.train.max_steps - start_step)
         metrics = {
             "parameters": n_params["total"], "parameters_matmul": n_params["matmul"],
             "flops_per_token": flops_per_token, "steps": cfg.train.max_steps, "tokens": total_tokens,
             "tokens_per_step": tokens_per_step, "gradient_accumulation": accumulation,
             "precision": accelerator.mixed_precision, "val_loss_initial": val_loss_initial,
             "val_loss": last["val_loss"], "val_ppl": last["val_ppl"], "train_loss": last.get("loss"),
-            "tokens_per_second": total_tokens / max(train_seconds, 1e-9),
-            "mfu": utilisation(total_tokens / max(train_seconds, 1e-9), flops_per_token, peak, world),
+            "tokens_per_second": steady, "mfu": utilisation(steady, flops_per_token, peak, world),
+            "train_seconds": clock.seconds, "warmup_seconds": clock.warmup_seconds,
+            "timed_steps": clock.steady_steps, "compile": compile_model, "fused_adamw": fused_adamw,
+            "fused_loss": cfg.train.fused_loss,
             "peak_flops_per_device": peak, "peak_flops_source": peak_source,
             "resumed_from_step": start_step if resume_from else None,
             "n_train_blocks": None if cfg.data.streaming else len(train_blocks),
