@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# GPU check: the whole tiny chain on one GPU in bf16, the trl stages under DeepSpeed ZeRO-2 and ZeRO-3, PPO, eval,
-# and the 124M pretraining MFU against a bare PyTorch loop. One short script, for a GPU lent for a few minutes.
+# GPU check: pretraining MFU at 124M and 350M (eager, the default fast path, the fused loss with a larger
+# micro-batch) against a bare PyTorch loop with the same settings, then the whole tiny chain on one GPU in bf16, the
+# trl stages under DeepSpeed ZeRO-2 and ZeRO-3, PPO and eval. One short script, for a GPU lent for a few minutes.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # from the repository root; OUT_DIR default runs/gpu_check
 #
 # Each step runs under `timeout` and goes on when one fails, so a single run reports everything; the end prints a
 # table (step, exit code, seconds, headline metrics from each manifest) and writes OUT_DIR/summary.json.
 # PYTHON (default python3) must have llmpipe's dependencies; PYTHONPATH may point at wheels installed elsewhere.
-# GPU_CHECK_SKIP: step names to leave out (space-separated), e.g. "bench_pretrain_124m bench_ppo" for a short lease.
+# GPU_CHECK_SKIP: step names to leave out (space-separated), e.g. "bench_pretrain_350m bench_ppo" for a short lease.
 set -uo pipefail
 OUT_DIR=${1:-runs/gpu_check}
 PY=${PYTHON:-python3}
@@ -55,8 +56,15 @@ if torch.cuda.is_available():  # what this card's bf16 matmul reaches, beside th
     print(f"bf16 matmul 8192^3: {2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12:.0f} TFLOP/s measured")
 EOF
 
-# 124M GPT-2-small-sized Llama, bf16: MFU of the stage against a bare loop in the same process
-step bench_pretrain_124m 240 "$PY" bench/pretrain.py --preset 124m --precision bf16 --steps 100 --trials 3
+# Pretraining speed (issue 21), bf16, a 32k vocabulary, steady state (warm-up and compile left out): the stage
+# against a bare loop with the same fast path, in one process. Eager first (the 2026-11-26 baseline's setting), then
+# the default fast path (compile, fused AdamW), then the fused loss at larger micro-batches, then 350M.
+B="$PY bench/pretrain.py --precision bf16 --vocab 32768 --trials 1"
+step bench_pretrain_124m_eager 150 $B --preset 124m --steps 60 --compile false --fused-adamw false
+step bench_pretrain_124m 240 $B --preset 124m --steps 80 --warmup-steps 10
+step bench_pretrain_124m_mb32_fused_loss 240 $B --preset 124m --steps 80 --warmup-steps 10 --micro-batch 32 \
+    --fused-loss true
+step bench_pretrain_350m 300 $B --preset 350m --steps 60 --warmup-steps 10
 
 # The tiny chain, bf16 on one GPU; trl stages under ZeRO-2 and ZeRO-3 (one process each)
 G=launch/accelerate/single_gpu.yaml
