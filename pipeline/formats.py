@@ -33,6 +33,47 @@ def message_problem(
     return None
 
 
+# --- documents for language modelling ----------------------------------------------------------------------------
+
+
+def load_documents(cfg: DataConfig, tokenizer):
+    """Documents with a 'text' column for pretraining. A source with chat 'messages' instead is rendered by the
+    tokenizer's chat template, special tokens included, as sft will show it (mid-training: chat data in the
+    pretraining mix, as nanochat's midtraining and Physics of LMs 3.1's mixed training do). A mixture (data.mix)
+    may hold both kinds of sources; each is read, checked and rendered alone."""
+    from pipeline.data import concatenate_sources, load_mixture
+
+    if cfg.mix is None:
+        return _as_documents(load_examples(cfg, []), str(cfg.path), tokenizer)
+    return concatenate_sources([(path, _as_documents(ds, path, tokenizer)) for path, ds, _ in load_mixture(cfg, [])])
+
+
+def _as_documents(ds, source: str, tokenizer):
+    import hashlib
+
+    columns = list(ds.column_names or [])
+    if "text" in columns:
+        return ds.select_columns(["text"]) if len(columns) > 1 else ds
+    if "messages" not in columns:
+        raise UserError(f"data: {source} has neither a 'text' column nor chat 'messages'; columns present: "
+                        f"{columns}. Map one with data.columns.text=<column>")  # fmt: skip
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"data: {source} holds chats ('messages'), but the tokenizer has no chat template to "
+                        "render them; give a tokenizer with one (the tokenizer stage writes one)")  # fmt: skip
+
+    def render(row):
+        return {"text": tokenizer.apply_chat_template(row["messages"], tokenize=False)}
+
+    if not hasattr(ds, "_fingerprint"):  # streaming: rendered as it is read
+        return ds.map(render, remove_columns=columns)
+    for line, messages in enumerate(ds["messages"]):
+        problem = message_problem(messages, "messages")
+        if problem:
+            raise UserError(f"{source}: row {line + 1}: {problem}")
+    key = f"{ds._fingerprint}-{tokenizer.chat_template}-render-v1".encode()  # the same cache for the same inputs
+    return ds.map(render, remove_columns=columns, new_fingerprint=hashlib.sha256(key).hexdigest()[:16])
+
+
 # --- preference pairs -------------------------------------------------------------------------------------------
 
 

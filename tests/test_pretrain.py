@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, write_jsonl
 from safetensors.torch import load_file
 
 from pipeline.batches import BlockSampler
+from pipeline.config import DataConfig, UserError
+from pipeline.formats import load_documents
 from pipeline.stages.pretrain import TrainConfig, learning_rate
 
 PRETRAIN_YAML = str(REPO / "configs/tiny/pretrain.yaml")
@@ -291,3 +293,40 @@ def test_matmul_peak_is_the_best_this_machine_measured_and_mfu_stays_at_most_one
     assert modeling.peak_flops(cpu)[0] == 1.0e10
     assert modeling.utilisation(1000.0, 6e6, 4.0e9, 1) == 1.0  # 6e9 achieved > 4e9 peak: capped
     assert modeling.utilisation(100.0, 6e6, 4.0e9, 2) == pytest.approx(0.075)
+
+
+def test_chat_sources_in_the_mix_are_rendered_by_the_chat_template(tmp_path, trained_tokenizer, small_corpus):
+    """Mid-training: plain text and chats in one mixture. The chats reach the packed blocks as the chat template
+    renders them (role and end-of-turn tokens included); a source with neither column, or chats with a tokenizer
+    that has no template, are refused before any training, naming the source."""
+    from transformers import AutoTokenizer
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", [
+        {"messages": [{"role": "user", "content": f"What is {i} plus one?"},
+                      {"role": "assistant", "content": str(i + 1)}]} for i in range(30)
+    ])  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    docs = load_documents(DataConfig(path=[str(small_corpus), str(chats)], mix=[1.0, 60]), tokenizer)
+    rendered = [t for t in docs["text"] if "plus one" in t]
+    assert len(rendered) == 60 and len(docs) == 60 + sum(1 for _ in open(small_corpus))
+    assert rendered[0] == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 0 plus one?"}, {"role": "assistant", "content": "1"}], tokenize=False
+    )
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    ids = tokenizer(rendered[0], add_special_tokens=False)["input_ids"]
+    assert end in ids  # the special tokens survive as tokens, not as their characters
+
+    out = tmp_path / "mid"
+    result = run_cli(*tiny_args(out, trained_tokenizer, small_corpus, f"data.path=[{small_corpus},{chats}]",
+                                "data.mix=[1.0,60]", "train.max_steps=6", "checkpoint_every=100"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "chats.jsonl: 60 of 30 rows" in result.stdout + result.stderr
+
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"body": "words"}] * 3)
+    result = run_cli(*tiny_args(tmp_path / "bad", trained_tokenizer, small_corpus, f"data.path=[{small_corpus},{odd}]",
+                                "data.mix=[1.0,1.0]"))  # fmt: skip
+    assert result.returncode != 0 and "odd.jsonl has neither a 'text' column nor chat 'messages'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "bad" / "checkpoints").exists()
+    tokenizer.chat_template = None
+    with pytest.raises(UserError, match="chats.jsonl holds chats .* no chat template"):
+        load_documents(DataConfig(path=str(chats)), tokenizer)

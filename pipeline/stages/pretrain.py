@@ -30,9 +30,10 @@ from pipeline.artifacts import (
 from pipeline.batches import BlockSampler, StreamSampler
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint, stopped_message
 from pipeline.config import DataConfig, StageFailed, UserError, config, field
-from pipeline.data import describe_data, load_examples, pack_dataset
+from pipeline.data import describe_data, pack_dataset
 from pipeline.distributed import all_finite, launch_facts, make_accelerator, world_size
 from pipeline.fastpath import StepClock, adamw, fuse_lm_loss, where_it_pays
+from pipeline.formats import load_documents
 from pipeline.modeling import (
     ModelConfig,
     build_model,
@@ -93,7 +94,10 @@ class PretrainConfig:
         None, "Tokenizer: a tokenizer stage folder or any HF tokenizer path (None: the init_from model's)."
     )
     model: ModelConfig = field(factory=ModelConfig, help="The model: new (size fields) or init_from.")
-    data: DataConfig = field(help="Training text, a 'text' column (map another with data.columns).")
+    data: DataConfig = field(
+        help="Training text, a 'text' column (map another with data.columns), or chats ('messages') rendered by "
+        "the tokenizer's chat template: a mixture of both is mid-training."
+    )
     validation_data: DataConfig | None = field(None, "Held-out text; None: split validation_fraction off data.")
     validation_fraction: float = field(0.01, "Share of documents held out for validation.", gt=0.0, lt=0.5)
     seq_len: int | None = field(None, "Tokens per training sequence (None: model.max_seq_len).", ge=8)
@@ -185,8 +189,8 @@ def run(cfg: PretrainConfig) -> dict | None:
             f"= {cfg.train.micro_batch_size} x {seq_len} x {world} = {micro_tokens}"
         )
     accumulation = tokens_per_step // micro_tokens
-    docs = load_examples(cfg.data, ["text"])
-    val_docs = load_examples(cfg.validation_data, ["text"]) if cfg.validation_data else None
+    docs = load_documents(cfg.data, tokenizer)
+    val_docs = load_documents(cfg.validation_data, tokenizer) if cfg.validation_data else None
     resume_from = find_resume_point(out / "checkpoints", cfg.resume, cfg)
 
     # The model is built before the Accelerator: under a ZeRO-3 launch, transformers would otherwise build it
