@@ -29,7 +29,7 @@ def write_pipeline(
         {"name": "tokenizer", "config": str(REPO / "configs/tiny/tokenizer.yaml"),
          "set": {"data.path": str(corpus), "vocab_size": 400}},
         {"name": "pretrain", "config": str(REPO / "configs/tiny/pretrain.yaml"),
-         "set": {"tokenizer": "stage:tokenizer", "data.path": str(corpus), "model.hidden_size": 32,
+         "set": {"tokenizer": "stage:tokenizer", "data.path": str(corpus), "data.mix": None, "model.hidden_size": 32,
                  "model.num_layers": 1, "model.num_heads": 2, "model.max_seq_len": 64, "train.max_steps": steps,
                  "train.micro_batch_size": 4, "train.warmup_steps": 2, "train.lr": lr, "checkpoint_every": 4,
                  "eval_every": 4, "log_every": 2, "validation_fraction": 0.1}},

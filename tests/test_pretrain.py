@@ -33,6 +33,7 @@ def tiny_args(out: Path, tokenizer: Path, corpus: Path, *extra: str) -> list[str
         f"output_dir={out}",
         f"tokenizer={tokenizer}",
         f"data.path={corpus}",
+        "data.mix=null",  # the tiny config's mid-training mix names two sources
         "model.hidden_size=32",
         "model.num_layers=2",
         "model.num_heads=2",
