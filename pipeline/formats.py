@@ -51,7 +51,7 @@ def load_documents(cfg: DataConfig, tokenizer):
 def _as_documents(ds, source: str, tokenizer):
     import hashlib
 
-    columns = list(ds.column_names or [])
+    columns = list(ds.column_names or next(iter(ds), {}))  # streaming JSON names its columns only in its rows
     if "text" in columns:
         return ds.select_columns(["text"]) if len(columns) > 1 else ds
     if "messages" not in columns:
