@@ -204,7 +204,8 @@ def load_mixture(cfg: DataConfig, required: list[str]) -> list[tuple[str, object
     return parts
 
 
-def _columns(ds) -> list[str]:
+def column_names(ds) -> list[str]:
+    """A dataset's columns, read from its first row where the loader does not name them (streaming JSON)."""
     names = ds.column_names
     if names is None:  # streaming JSON does not know its columns until it reads a row
         first = next(iter(ds), None)
@@ -213,7 +214,7 @@ def _columns(ds) -> list[str]:
 
 
 def _rename_columns(ds, cfg: DataConfig, required: list[str], source: str):
-    present = _columns(ds)
+    present = column_names(ds)
     for expected, actual in cfg.columns.items():
         if actual not in present:
             raise UserError(

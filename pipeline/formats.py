@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from pipeline.config import DataConfig, UserError
-from pipeline.data import load_examples
+from pipeline.data import column_names, load_examples
 
 # --- chat messages: one check for every command that reads them ------------------------------------------------
 
@@ -51,7 +51,7 @@ def load_documents(cfg: DataConfig, tokenizer):
 def _as_documents(ds, source: str, tokenizer):
     import hashlib
 
-    columns = list(ds.column_names or next(iter(ds), {}))  # streaming JSON names its columns only in its rows
+    columns = column_names(ds)
     if "text" in columns:
         return ds.select_columns(["text"]) if len(columns) > 1 else ds
     if "messages" not in columns:
