@@ -145,7 +145,8 @@ class StepClock:
         }
 
     def tokens_per_second(self, tokens_per_step: int, steps: int) -> float:
-        """Steady-state tokens/s; all steps' when none was past its warm-up (a run shorter than the warm-up)."""
+        """Steady-state tokens/s; when no step was past a warm-up, all `steps` (those `seconds` covers, resumed ones
+        included) over all seconds."""
         if self.steady_steps:
             return tokens_per_step * self.steady_steps / max(self.steady_seconds, 1e-9)
         return tokens_per_step * steps / max(self.seconds, 1e-9)

@@ -393,7 +393,7 @@ def run(cfg: PretrainConfig) -> dict | None:
         with atomic_dir(out / "model") as tmp:
             save_model(unwrapped, tokenizer, tmp, state_dict=state_dict)
         total_tokens = cfg.train.max_steps * tokens_per_step
-        steady = clock.tokens_per_second(tokens_per_step, cfg.train.max_steps - start_step)
+        steady = clock.tokens_per_second(tokens_per_step, cfg.train.max_steps)  # clock.seconds spans every process
         metrics = {
             "parameters": n_params["total"], "parameters_matmul": n_params["matmul"],
             "flops_per_token": flops_per_token, "steps": cfg.train.max_steps, "tokens": total_tokens,
