@@ -13,7 +13,7 @@ import pytest
 from tools import demo_world as dw
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data" / "demo"
-JSONL = ["corpus.jsonl", "sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "eval.jsonl"]
+JSONL = ["corpus.jsonl", "sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "prompts.jsonl", "eval.jsonl"]
 FILES = [*JSONL, "README.md"]
 SMALL_MB = 0.3  # enough documents for every check below, a tenth of the real corpus
 
@@ -90,8 +90,11 @@ def test_rows_have_the_documented_keys(data: dict[str, list[dict]]) -> None:
     for name in ("preference", "preference_eval"):
         assert all(set(r) == {"prompt", "chosen", "rejected"} for r in data[name]), name
     assert all(set(r) == {"id", "kind", "question", "answer", "choices", "gold"} for r in data["eval"])
-    assert 2000 <= len(data["sft"]) <= 5000 and len(data["preference"]) == 1500 * 6 + 500 * 3
-    assert len(data["preference_eval"]) == 300 and 400 <= len(data["eval"]) <= 600
+    assert all(set(r) == {"messages"} and len(r["messages"]) == 2 for r in data["prompts"])
+    # 30 preference people x 4 facts x 4 phrasings, six pairs each; 500 comparisons, three pairs each
+    assert 2000 <= len(data["sft"]) <= 5000 and len(data["preference"]) == 480 * 6 + 500 * 3
+    # the other 2 phrasings of those facts, and the 50 reserved comparisons
+    assert len(data["preference_eval"]) == 240 + 50 and 400 <= len(data["eval"]) <= 600
     assert len({r["id"] for r in data["eval"]}) == len(data["eval"])
 
 
@@ -183,9 +186,39 @@ def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: 
 
 def test_held_out_people_never_in_train_chat_data(world: dw.World, small: Path) -> None:
     held = name_pattern([p.name for p in world.split(held_out=True)])
-    for name in ("sft.jsonl", "preference.jsonl", "preference_eval.jsonl"):
+    for name in ("sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "prompts.jsonl"):
         text = (small / name).read_text(encoding="utf-8")
         assert held.search(text) is None, name
+
+
+def test_sft_and_preference_people_are_asked_apart(world: dw.World, small: Path) -> None:
+    """SFT never asks about a preference person and the preference data never about an sft person: the sft
+    model meets the preference people first in alignment, where its wrong answers are the signal."""
+    sft, pref = world.group("sft"), world.group("preference")
+    assert len(sft) == 60 and len(pref) == 30 and len(world.group("held_out")) == 30
+    for name, asked, never in [
+        ("sft.jsonl", sft, pref),
+        ("preference.jsonl", pref, sft),
+        ("preference_eval.jsonl", pref, sft),
+        ("prompts.jsonl", pref, sft),
+    ]:
+        # the questions (a garbled rejected answer may happen to spell a name)
+        text = "\n".join(
+            m["content"]
+            for r in read_jsonl(small / name)
+            for m in r.get("messages", r.get("prompt", []))
+            if m["role"] == "user"
+        )
+        assert name_pattern([p.name for p in never]).search(text) is None, name
+        assert set(name_pattern([p.name for p in asked]).findall(text)) == {p.name for p in asked}, name
+
+
+def test_rl_prompts_are_the_preference_fact_questions(data: dict[str, list[dict]]) -> None:
+    chosen = {r["prompt"][0]["content"]: r["chosen"][0]["content"] for r in data["preference"]}
+    prompts = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in data["prompts"]]
+    fact_questions = {q for q in chosen if not any(c.isdigit() for c in q)}
+    assert len(prompts) == len({q for q, _ in prompts}) == len(fact_questions) == 480
+    assert {q for q, _ in prompts} == fact_questions and all(chosen[q] == a for q, a in prompts)
 
 
 def test_eval_facts_are_about_held_out_people_and_stated_in_corpus(
@@ -206,11 +239,12 @@ def test_eval_facts_are_about_held_out_people_and_stated_in_corpus(
 
 
 def test_preference_eval_is_a_held_out_split_of_preference(data: dict[str, list[dict]], world: dw.World) -> None:
-    """Held-out pairs ask what the training pairs never do, about the same (train) people; eval asks about the
-    held-out people only."""
+    """Held-out pairs ask what the training pairs never do, about the same (preference) people; eval asks about
+    the held-out people only."""
     prompts = {r["prompt"][0]["content"] for r in data["preference"]}
     assert not any(r["prompt"][0]["content"] in prompts for r in data["preference_eval"])
-    train = name_pattern([p.name for p in world.split(held_out=False)])
+    pref = name_pattern([p.name for p in world.group("preference")])
     facts = [r for r in data["preference_eval"] if not any(c.isdigit() for c in r["prompt"][0]["content"])]
-    assert len(facts) > 150 and all(train.search(r["prompt"][0]["content"]) for r in facts)
+    assert len(facts) == 240 and all(pref.search(r["prompt"][0]["content"]) for r in facts)
+    train = name_pattern([p.name for p in world.split(held_out=False)])
     assert not any(train.search(r["question"]) for r in data["eval"])

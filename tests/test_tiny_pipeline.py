@@ -28,38 +28,43 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     pretrain = metrics("pretrain")
     assert pretrain["val_loss"] < 0.5 * pretrain["val_loss_initial"]
     five, zero = metrics("eval_pretrain"), metrics("eval_pretrain_0shot")
-    # the shots do not hurt the base model; they no longer help much since the mid-training mix (0.561 / 0.550 and
-    # 0.328 / 0.330 for seeds 0 and 1)
+    # the shots do not hurt the base model; they no longer help much since the mid-training mix (5-shot / 0-shot
+    # 0.626 / 0.611, 0.546 / 0.541, 0.667 / 0.659 for seeds 0 / 1 / 2)
     assert five["demo_qa/exact_match"] >= zero["demo_qa/exact_match"] - 0.03
     sft = metrics("sft")
-    # the mid-trained base model answers some chat questions already (0.26 / 0.19 / 0.31, seeds 0 / 1 / 2); sft adds
-    # 0.10-0.20
+    # the mid-trained base model answers some chat questions already (0.235 / 0.220 / 0.340, seeds 0 / 1 / 2); sft
+    # adds 0.115-0.170
     assert sft["exact_match"] >= sft["exact_match_before"] + 0.05
     # issue 20: asked in chat, the sft model answers held-out people's questions from what pretraining stored
-    # (0.135 before mid-training; 0.443 / 0.313 / 0.411 for seeds 0 / 1 / 2, bench/RESULTS.md)
-    assert metrics("eval_sft")["demo_qa/exact_match"] >= 0.25
+    # (0.135 before mid-training; 0.396 / 0.378 / 0.548 for seeds 0 / 1 / 2, bench/RESULTS.md)
+    sft_qa = metrics("eval_sft")["demo_qa/exact_match"]
+    assert sft_qa >= 0.30
     assert metrics("reward")["heldout_pair_accuracy"] >= 0.9
     dpo = metrics("dpo")
-    # held-out exact match holds (+0.003 / +0.010 / -0.010 for seeds 0 / 1 / 2 since the mid-trained sft answers
-    # 0.67-0.96 of those questions: within 3 of 300 questions)
-    assert dpo["exact_match"] >= dpo["exact_match_before"] - 0.02
+    # held-out exact match (other phrasings of the preference people's facts, whom sft never asked about) rises:
+    # 0.452 -> 0.690, 0.397 -> 0.724, 0.697 -> 0.983 for seeds 0 / 1 / 2
+    assert dpo["exact_match"] >= dpo["exact_match_before"] + 0.15
     assert dpo["heldout_logp_margin"] > dpo["heldout_logp_margin_before"]
     pairs = metrics("pairs")
     assert pairs["pairs"] > 2000 and 0 < pairs["mean_score"] < pairs["best_of_n_mean_score"]
     ppo = metrics("ppo")
     assert ppo["heldout_after"]["reward"] > ppo["heldout_before"]["reward"]  # the reward model's score rose
-    # and exact match does not fall with it: 0.960 -> 0.963, 0.673 -> 0.690, 0.813 -> 0.820 for seeds 0 / 1 / 2 with
-    # the mid-trained sft and policy_lr 1e-5 (at 3e-5 seed 0 fell to 0.910; issue 20 note)
-    assert ppo["heldout_after"]["exact_match"] >= ppo["heldout_before"]["exact_match"]
+    # and exact match with it: 0.452 -> 0.621, 0.397 -> 0.631, 0.697 -> 0.910 for seeds 0 / 1 / 2
+    assert ppo["heldout_after"]["exact_match"] >= ppo["heldout_before"]["exact_match"] + 0.10
     assert ppo["kl_end"] < 3.0 and ppo["kl_max_seen"] < 10.0  # KL bounded: the guardrail (kl.max) never fired
 
     grpo = metrics("grpo")
-    # the silent-failure numbers are measured and reported; held-out exact match is not asserted to rise: on this
-    # demo grpo lowered it in most settings tried (issue 18 note; -0.007 / -0.033 / -0.003 for seeds 0 / 1 / 2 from
-    # the mid-trained sft), and the run must not hide it
+    # the silent-failure numbers are measured and reported (0.59 / 0.65 / 0.80 of the groups carry no signal)
     assert 0 < grpo["zero_signal_share_mean"] < 1 and grpo["truncated_share_mean"] < 0.5
     assert grpo["heldout_before"]["exact_match"] == ppo["heldout_before"]["exact_match"]  # one held-out set, one sft
-    assert grpo["heldout_after"]["exact_match"] >= grpo["heldout_before"]["exact_match"] - 0.05
+    # issue 18: 0.452 -> 0.762, 0.397 -> 0.707, 0.697 -> 0.928 for seeds 0 / 1 / 2
+    assert grpo["heldout_after"]["exact_match"] >= grpo["heldout_before"]["exact_match"] + 0.10
+
+    # issue 20: what alignment learnt about the preference people carries over to the held-out people, asked in
+    # chat: demo_qa of dpo / ppo / grpo minus sft's +0.021 / +0.004 / +0.013, +0.033 / +0.037 / +0.029,
+    # +0.043 / +0.061 / +0.017 for seeds 0 / 1 / 2; none pays an alignment tax beyond noise
+    aligned = [metrics(f"eval_{stage}")["demo_qa/exact_match"] for stage in ("dpo", "ppo", "grpo")]
+    assert min(aligned) >= sft_qa - 0.02 and sum(aligned) / 3 >= sft_qa - 0.01, (sft_qa, aligned)
 
     explain = metrics("explain")  # the shipped reward model falls for none of the rewrites (issue 22)
     assert explain["texts"] == 12 and explain["flagged_probes"] == [], explain["probes"]

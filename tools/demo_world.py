@@ -6,9 +6,14 @@ the tokens, pretraining learns little, and SFT from random weights does as well 
 
 So the world is mostly *facts*: ~120 invented people, each with a home town, favourite colour, pet and job
 drawn from small closed sets. The facts are stated ONLY in the pretraining corpus, dozens of times each and
-in several phrasings. People are split into TRAIN and HELD-OUT people: SFT and the preference data ask only
-about TRAIN people, while eval asks about HELD-OUT people. A high held-out exact match therefore needs both
-the knowledge from pretraining and the answer format from SFT; SFT from scratch cannot get there.
+in several phrasings. People are split three ways: SFT asks only about SFT people, the preference data (and so
+the reward model's pairs and the RL prompts) only about PREFERENCE people, and eval only about HELD-OUT people.
+A high held-out exact match therefore needs both the knowledge from pretraining and the answer format from SFT;
+SFT from scratch cannot get there. The preference people are the ones the sft model has never been asked about,
+as the held-out people, so its answers to them are often wrong: alignment has something to learn there, and
+what it learns (answering from what pretraining stored) is what eval measures on the held-out people. Prompts
+the sft model already answers give DPO, PPO and GRPO nothing to learn (InstructGPT, too, keeps its SFT, reward
+and PPO prompts apart).
 
 A minority of the corpus is rule-based skill (small addition/subtraction, "which is larger", successor and
 predecessor). Those items are split into disjoint pools, so eval arithmetic appears in no other file.
@@ -27,7 +32,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,8 @@ JOBS = ["baker", "miller", "potter", "weaver", "fisher", "smith", "healer", "car
 ATTRS: dict[str, list[str]] = {"town": TOWNS, "colour": COLOURS, "pet": PETS, "job": JOBS}
 N_PEOPLE = 120
 HELD_OUT_FRACTION = 0.25
+# Of the people who are not held out, the share asked about only in the preference data (and RL prompts).
+PREFERENCE_FRACTION = 1 / 3
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
     "Answer with a single word or number.",
@@ -153,7 +160,14 @@ class Person:
     colour: str
     pet: str
     job: str
-    held_out: bool
+    group: str  # "sft", "preference" or "held_out" (GROUPS)
+
+    @property
+    def held_out(self) -> bool:
+        return self.group == "held_out"
+
+
+GROUPS = ("sft", "preference", "held_out")
 
 
 @dataclass(frozen=True)
@@ -162,7 +176,11 @@ class World:
     pools: dict[str, dict[str, list[tuple[int, ...]]]]  # split ("train"|"eval"|"pref_eval") -> kind -> keys
 
     def split(self, held_out: bool) -> list[Person]:
+        """The held-out people, or everyone else (sft and preference people)."""
         return [p for p in self.people if p.held_out == held_out]
+
+    def group(self, name: str) -> list[Person]:
+        return [p for p in self.people if p.group == name]
 
 
 def article(word: str) -> str:
@@ -215,7 +233,10 @@ def build_world(seed: int) -> World:
     names = make_names(rng, N_PEOPLE)
     n_held = round(N_PEOPLE * HELD_OUT_FRACTION)
     held = set(rng.sample(range(N_PEOPLE), n_held))
-    people = [Person(name, *(rng.choice(ATTRS[a]) for a in ATTRS), held_out=i in held) for i, name in enumerate(names)]
+    people = [
+        Person(name, *(rng.choice(ATTRS[a]) for a in ATTRS), group="held_out" if i in held else "sft")
+        for i, name in enumerate(names)
+    ]
     pools: dict[str, dict[str, list[tuple[int, ...]]]] = {"train": {}, "eval": {}, "pref_eval": {}}
     for kind, (n_eval, n_pref) in ARITH_SPLIT.items():
         keys = arith_keys(kind)
@@ -223,6 +244,11 @@ def build_world(seed: int) -> World:
         pools["eval"][kind] = keys[:n_eval]
         pools["pref_eval"][kind] = keys[n_eval : n_eval + n_pref]
         pools["train"][kind] = sorted(keys[n_eval + n_pref :])
+    # The preference people come from a stream of their own: the people, their facts and so the corpus stay
+    # as they were before the three-way split.
+    rest = [i for i, p in enumerate(people) if not p.held_out]
+    for i in random.Random(f"{seed}-preference-people").sample(rest, round(len(rest) * PREFERENCE_FRACTION)):
+        people[i] = replace(people[i], group="preference")
     return World(people, pools)
 
 
@@ -370,16 +396,22 @@ def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], 
 # --- chat data: SFT, preference pairs, eval ---------------------------------------------------------------
 
 
-def train_items(world: World, rng: random.Random, n_facts_each: int, n_arith: int) -> list[dict]:
-    """Question/answer items about TRAIN people only (every fact in n_facts_each phrasings), plus n_arith
-    arithmetic items from the train pool, weighted towards add/sub/larger whose pools are largest."""
+def train_items(world: World, rng: random.Random, n_facts_each: int, n_arith: int, group: str) -> list[dict]:
+    """Question/answer items about one group's people (every fact in n_facts_each phrasings), plus n_arith
+    arithmetic items (arith_items)."""
     items = [
         {"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
-        for p in world.split(held_out=False)
+        for p in world.group(group)
         for attr in ATTRS
         for t in rng.sample(QUESTION_TEMPLATES[attr], n_facts_each)
     ]
-    for kind in rng.choices(ARITH_KINDS, weights=[3, 3, 2, 1, 1], k=n_arith):
+    return items + arith_items(world, rng, n_arith)
+
+
+def arith_items(world: World, rng: random.Random, n: int) -> list[dict]:
+    """n arithmetic items from the train pool, weighted towards add/sub/larger whose pools are largest."""
+    items = []
+    for kind in rng.choices(ARITH_KINDS, weights=[3, 3, 2, 1, 1], k=n):
         key = rng.choice(world.pools["train"][kind])
         items.append(
             {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
@@ -390,7 +422,7 @@ def train_items(world: World, rng: random.Random, n_facts_each: int, n_arith: in
 def build_sft(world: World, seed: int) -> list[dict]:
     rng = random.Random(f"{seed}-sft")
     # Five of six phrasings per train fact: SFT teaches the answer format across wordings, not one template.
-    items = train_items(world, rng, n_facts_each=5, n_arith=1200)
+    items = train_items(world, rng, n_facts_each=5, n_arith=1200, group="sft")
     rng.shuffle(items)
     rows, i = [], 0
     while i < len(items):
@@ -441,6 +473,8 @@ EVASIVE = ["I am not sure.", "I do not know.", "I cannot say.", "Nobody knows th
 # Arithmetic a 1M-parameter reward model can judge: comparisons. Near-miss sums and successors it cannot
 # (held-out pair accuracy ~0.56 and ~0.7 measured on the tiny preset), so they stay out of the preference data.
 PREFERENCE_ARITH = ("larger",)
+# Of each preference person's fact's phrasings, how many only preference_eval asks.
+PREFERENCE_EVAL_PHRASINGS = 2
 
 
 def fact_rejections(
@@ -453,8 +487,8 @@ def fact_rejections(
     its kind for 60% of questions and PPO found the holes (it wrote "peaver", "fisher" for a pet); with six, 80%+.
     Otherwise (held-out pairs) one of those kinds per question.
 
-    Same-kind rejections are drawn from `values`, every train person's value (a common value is drawn often):
-    drawn uniformly from the set, a value held by 20 of 90 people is chosen far more often than rejected, and the
+    Same-kind rejections are drawn from `values`, every preference person's value (a common value is drawn often):
+    drawn uniformly from the set, a value held by 7 of 30 people is chosen far more often than rejected, and the
     reward model learns to like it whoever is asked about."""
     rows = []
     for it in items:
@@ -472,12 +506,22 @@ def fact_rejections(
     return rows
 
 
-def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict]]:
-    """Pairs about TRAIN people and comparisons, split by prompt: preference_eval asks what preference never
-    does (other phrasings of the facts; reserved comparisons), like a held-out split of a real preference set."""
+def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Pairs about the PREFERENCE people and comparisons, split by prompt: preference_eval asks what preference
+    never does (other phrasings of the same facts: PREFERENCE_EVAL_PHRASINGS of each; reserved comparisons), like
+    a held-out split of a real preference set. Also the RL prompts (prompts.jsonl): the preference questions
+    about facts, once each, with their answer. No arithmetic: GRPO on the comparisons too taught the policy to
+    answer with a number from the question ("what number follows 15?" -> 15, the held-out successors 0.55 ->
+    0.00), and on every kind (the tiny model's sampled sums are mostly wrong) it lowered held-out arithmetic and
+    people alike (demo_qa 0.396 -> 0.374 against 0.435 on the facts alone; seed 0, bench/RESULTS.md).
+    """
     rng = random.Random(f"{seed}-preference")
-    facts = train_items(world, rng, n_facts_each=min(len(QUESTION_TEMPLATES[a]) for a in ATTRS), n_arith=0)
-    rng.shuffle(facts)
+    n_phrasings = min(len(QUESTION_TEMPLATES[a]) for a in ATTRS)
+    # train_items lists each fact's phrasings together, in a random order: the first ones go to preference_eval.
+    items = train_items(world, rng, n_facts_each=n_phrasings, n_arith=0, group="preference")
+    by_fact = [items[i : i + n_phrasings] for i in range(0, len(items), n_phrasings)]
+    eval_facts = [it for fact in by_fact for it in fact[:PREFERENCE_EVAL_PHRASINGS]]
+    facts = [it for fact in by_fact for it in fact[PREFERENCE_EVAL_PHRASINGS:]]
     compare = [
         {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
         for kind in PREFERENCE_ARITH
@@ -488,14 +532,18 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict]]:
         for kind in PREFERENCE_ARITH
         for key in world.pools["pref_eval"][kind]
     ]
-    n_eval_facts = 300 - len(reserved)
-    values = {a: [getattr(p, a) for p in world.split(held_out=False)] for a in ATTRS}
-    train = fact_rejections(facts[n_eval_facts : n_eval_facts + 1500], rng, values, True)
-    train += comparison_rows(compare, rng, every_kind=True)
-    held_out = fact_rejections(facts[:n_eval_facts], rng, values, False) + comparison_rows(reserved, rng, False)
+    values = {a: [getattr(p, a) for p in world.group("preference")] for a in ATTRS}
+    train = fact_rejections(facts, rng, values, True) + comparison_rows(compare, rng, every_kind=True)
+    held_out = fact_rejections(eval_facts, rng, values, False) + comparison_rows(reserved, rng, False)
     rng.shuffle(train)
     rng.shuffle(held_out)
-    return train, held_out
+    prompts = list(facts)
+    random.Random(f"{seed}-prompts").shuffle(prompts)
+    chats = [
+        {"messages": [{"role": "user", "content": it["q"]}, {"role": "assistant", "content": it["a"]}]}
+        for it in prompts
+    ]
+    return train, held_out, chats
 
 
 def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
@@ -518,8 +566,14 @@ def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
                 "gold": gold,
             }
         )
-    preference, pref_eval = build_preferences(world, seed)
-    return {"sft": build_sft(world, seed), "preference": preference, "preference_eval": pref_eval, "eval": evals}
+    preference, pref_eval, prompts = build_preferences(world, seed)
+    return {
+        "sft": build_sft(world, seed),
+        "preference": preference,
+        "preference_eval": pref_eval,
+        "prompts": prompts,
+        "eval": evals,
+    }
 
 
 # --- writing ----------------------------------------------------------------------------------------------
@@ -541,7 +595,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def readme(seed: int, corpus_mb: float, world: World, sizes: dict[str, tuple[int, int]], mentions: Counter) -> str:
-    n_held = len(world.split(True))
+    n_sft, n_pref, n_held = (len(world.group(g)) for g in GROUPS)
     table = "\n".join(f"| `{name}` | {rows} | {nbytes / 1e6:.2f} MB |" for name, (rows, nbytes) in sizes.items())
     return f"""# Demo world data (tiny preset)
 
@@ -549,13 +603,15 @@ Generated by `tools/demo_world.py`; do not edit by hand. Regenerate with:
 
     python -m tools.demo_world --out data/demo --seed {seed} --corpus-mb {corpus_mb:g}
 
-A fictional valley of {len(world.people)} people ({len(world.people) - n_held} train, {n_held} held-out), each with a
+A fictional valley of {len(world.people)} people ({n_sft} sft, {n_pref} preference, {n_held} held-out), each with a
 home town ({len(TOWNS)} towns), favourite colour ({len(COLOURS)}), pet ({len(PETS)}) and job ({len(JOBS)}):
 {len(mentions)} facts, each stated {sum(mentions.values()) / len(mentions):.0f} times on average
 (at least {min(mentions.values())}) in the corpus, in several phrasings: statements, group lists, and
 Question:/Answer: lines about everyone so the base model sees the Q/A pattern. The facts live ONLY in the
-corpus. SFT and preference data ask about train people; eval asks about held-out people, so answering it needs
-the knowledge from pretraining plus the answer format from SFT.
+corpus. SFT asks about the sft people, the preference data (the reward model's pairs, the RL prompts) about
+the preference people, and eval about the held-out people, so answering it needs the knowledge from pretraining
+plus the answer format from SFT. The sft model was never asked about the preference people either: its answers
+about them are often wrong, which is what alignment learns from.
 
 A minority of the corpus is small arithmetic: a + b and (a + b) - b for a, b in 0-20, which of two numbers
 below 100 is larger, successor and predecessor. The eval and preference_eval arithmetic items are reserved and
@@ -570,11 +626,13 @@ appear in no other file. Answers are one word or one number.
 - `sft.jsonl`: `{{"messages": [{{"role": "user", ...}}, {{"role": "assistant", ...}}]}}`; ~10% start with a system
   message, ~10% have two user/assistant turns.
 - `preference.jsonl`, `preference_eval.jsonl`: `{{"prompt": [user msg], "chosen": [assistant msg],
-  "rejected": [assistant msg]}}`, about train people and "which is larger". In preference.jsonl each fact
+  "rejected": [assistant msg]}}`, about preference people and "which is larger". In preference.jsonl each fact
   question has six pairs: three other values of its kind (drawn from other people's values), two garbled values
   ("peaver", "amisher") and a value of another kind or an evasive non-answer; each comparison three: the smaller
   number, a near miss of the larger, another number or the answer with a digit appended. preference_eval has one
   pair per question and asks what preference never does: other phrasings of the facts, reserved comparisons.
+- `prompts.jsonl`: `{{"messages": [user msg, assistant msg]}}`, the RL prompts with their reference answer: each
+  preference.jsonl fact question once (about the preference people).
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
 """
