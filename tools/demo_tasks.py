@@ -1,4 +1,5 @@
-"""Few-shot pool for the demo-world eval tasks: questions about TRAIN people and train-pool arithmetic.
+"""Few-shot pool for the demo-world eval tasks: questions about the sft and preference people
+(anyone but the held-out people) and train-pool arithmetic.
 
     python -m tools.demo_tasks --out data/tasks/demo --seed 0
 
@@ -20,7 +21,8 @@ from tools.demo_world import build_world, choices_for, train_items, write_atomic
 def build_pool(seed: int) -> list[dict]:
     world = build_world(seed)  # the same world (people, arithmetic pools) as data/demo for this seed
     rng = random.Random(f"{seed}-tasks")
-    items = train_items(world, rng, n_facts_each=1, n_arith=400)
+    # shots about anyone but the held-out people (the base model's few-shot prompts)
+    items = train_items(world, rng, n_facts_each=1, n_arith=400, groups=("sft", "preference"))
     rows, seen = [], set()
     for it in items:
         if it["q"] in seen:  # the same arithmetic item drawn twice

@@ -396,12 +396,15 @@ def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], 
 # --- chat data: SFT, preference pairs, eval ---------------------------------------------------------------
 
 
-def train_items(world: World, rng: random.Random, n_facts_each: int, n_arith: int, group: str) -> list[dict]:
-    """Question/answer items about one group's people (every fact in n_facts_each phrasings), plus n_arith
+def train_items(
+    world: World, rng: random.Random, n_facts_each: int, n_arith: int, groups: tuple[str, ...]
+) -> list[dict]:
+    """Question/answer items about the people of `groups` (every fact in n_facts_each phrasings), plus n_arith
     arithmetic items (arith_items)."""
     items = [
         {"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
-        for p in world.group(group)
+        for p in world.people
+        if p.group in groups
         for attr in ATTRS
         for t in rng.sample(QUESTION_TEMPLATES[attr], n_facts_each)
     ]
@@ -422,7 +425,7 @@ def arith_items(world: World, rng: random.Random, n: int) -> list[dict]:
 def build_sft(world: World, seed: int) -> list[dict]:
     rng = random.Random(f"{seed}-sft")
     # Five of six phrasings per train fact: SFT teaches the answer format across wordings, not one template.
-    items = train_items(world, rng, n_facts_each=5, n_arith=1200, group="sft")
+    items = train_items(world, rng, n_facts_each=5, n_arith=1200, groups=("sft",))
     rng.shuffle(items)
     rows, i = [], 0
     while i < len(items):
@@ -518,7 +521,7 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict], 
     rng = random.Random(f"{seed}-preference")
     n_phrasings = min(len(QUESTION_TEMPLATES[a]) for a in ATTRS)
     # train_items lists each fact's phrasings together, in a random order: the first ones go to preference_eval.
-    items = train_items(world, rng, n_facts_each=n_phrasings, n_arith=0, group="preference")
+    items = train_items(world, rng, n_facts_each=n_phrasings, n_arith=0, groups=("preference",))
     by_fact = [items[i : i + n_phrasings] for i in range(0, len(items), n_phrasings)]
     eval_facts = [it for fact in by_fact for it in fact[:PREFERENCE_EVAL_PHRASINGS]]
     facts = [it for fact in by_fact for it in fact[PREFERENCE_EVAL_PHRASINGS:]]
