@@ -179,8 +179,9 @@ class World:
         """The held-out people, or everyone else (sft and preference people)."""
         return [p for p in self.people if p.held_out == held_out]
 
-    def group(self, name: str) -> list[Person]:
-        return [p for p in self.people if p.group == name]
+    def group(self, *names: str) -> list[Person]:
+        """The people of these groups, in the world's order."""
+        return [p for p in self.people if p.group in names]
 
 
 def article(word: str) -> str:
@@ -400,21 +401,14 @@ def train_items(
     world: World, rng: random.Random, n_facts_each: int, n_arith: int, groups: tuple[str, ...]
 ) -> list[dict]:
     """Question/answer items about the people of `groups` (every fact in n_facts_each phrasings), plus n_arith
-    arithmetic items (arith_items)."""
+    arithmetic items from the train pool, weighted towards add/sub/larger whose pools are largest."""
     items = [
         {"q": t.format(n=p.name), "a": getattr(p, attr), "kind": attr, "key": ()}
-        for p in world.people
-        if p.group in groups
+        for p in world.group(*groups)
         for attr in ATTRS
         for t in rng.sample(QUESTION_TEMPLATES[attr], n_facts_each)
     ]
-    return items + arith_items(world, rng, n_arith)
-
-
-def arith_items(world: World, rng: random.Random, n: int) -> list[dict]:
-    """n arithmetic items from the train pool, weighted towards add/sub/larger whose pools are largest."""
-    items = []
-    for kind in rng.choices(ARITH_KINDS, weights=[3, 3, 2, 1, 1], k=n):
+    for kind in rng.choices(ARITH_KINDS, weights=[3, 3, 2, 1, 1], k=n_arith):
         key = rng.choice(world.pools["train"][kind])
         items.append(
             {"q": arith_text(rng, kind, key, True), "a": str(arith_answer(kind, key)), "kind": kind, "key": key}
@@ -514,7 +508,7 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict], 
     never does (other phrasings of the same facts: PREFERENCE_EVAL_PHRASINGS of each; reserved comparisons), like
     a held-out split of a real preference set. Also the RL prompts (prompts.jsonl): the preference questions
     about facts, once each, with their answer. No arithmetic: GRPO on the comparisons too taught the policy to
-    answer with a number from the question ("what number follows 15?" -> 15, the held-out successors 0.55 ->
+    answer with a number from the question ("what number follows 15?" -> 15, the held-out successors 0.75 ->
     0.00), and on every kind (the tiny model's sampled sums are mostly wrong) it lowered held-out arithmetic and
     people alike (demo_qa 0.396 -> 0.374 against 0.435 on the facts alone; seed 0, bench/RESULTS.md).
     """
