@@ -217,3 +217,28 @@ def test_the_models_own_generation_settings_do_not_change_the_sampling(
     assert result.returncode == 0, result.stderr[-3000:]
     first = next(r for r in history(out) if "reward" in r)
     assert first["reward"] > 0.2, first  # ~0.4 for this random model; 0 if the suppression applied
+
+
+def test_dynamic_sampling_trains_on_the_groups_with_signal(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """oversample 3: 24 prompts x 4 answers are drawn a step, in trl's prompt order (no prompt twice within an
+    epoch of 96), and the 8 groups trained on are those whose rewards differ, as many as there are: the trained
+    share of groups with signal is min(1, 3 x the drawn share) at every step. Resumed, it samples as unbroken."""
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    extra = ["oversample=3", "train.save_steps=2"]
+    result = run_cli(*grpo_args(unbroken, tiny_policy, prompts, *extra, "train.max_steps=5"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in history(unbroken) if "reward" in r]
+    assert len(rows) == 5
+    for row in rows:
+        assert row["trained_signal_share"] == pytest.approx(min(1.0, 3 * row["signal_share"])), row
+    assert any(0 < r["signal_share"] < 1 for r in rows), "the toy reward must leave some groups without signal"
+    metrics = json.loads((unbroken / "manifest.json").read_text())["metrics"]
+    assert metrics["trained_signal_share_mean"] > 1 - metrics["zero_signal_share_mean"]
+    seen = completions(unbroken)
+    assert [r["step"] for r in seen] == [s for s in range(1, 6) for _ in range(96)]
+    drawn = [json.dumps(r["prompt"]) for r in seen[: 4 * 96 : 4]]
+    assert len(drawn) == len(set(drawn)) == 96, "the oversampled draws follow trl's epoch order"
+    assert run_cli(*grpo_args(resumed, tiny_policy, prompts, *extra, "train.max_steps=4")).returncode == 0
+    second = run_cli(*grpo_args(resumed, tiny_policy, prompts, *extra, "train.max_steps=5"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [r["completion"] for r in completions(resumed)] == [r["completion"] for r in seen]

@@ -1,2 +1,2 @@
 """Reinforcement learning from rewards, the parts a command assembles: core.py (tensor arithmetic of PPO: KL, GAE,
-losses) and policy.py (scoring passes of the policy and the critic)."""
+losses), policy.py (scoring passes of the policy and the critic) and grpo.py (extensions of trl's GRPOTrainer)."""

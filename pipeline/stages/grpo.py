@@ -11,9 +11,10 @@ folder scored as the reward trainer saw the pairs.
 
 What this stage watches because GRPO fails silently: the share of prompt groups whose rewards are all equal (they
 carry no gradient), the share of truncated answers, reward mean/std per reward, KL, entropy and length, in
-metrics.jsonl; a warning when most groups carry no signal or most answers are cut; greedy exact match and reward on
-held-out questions before and after, apart from the training reward. Sampling is exactly softmax(logits / T): no
-setting of the model's own generation_config applies.
+metrics.jsonl; a warning when most groups carry no signal or most answers are cut; `oversample` (DAPO's dynamic
+sampling) to train on the groups that carry one; greedy exact match and reward on held-out questions before and
+after, apart from the training reward. Sampling is exactly softmax(logits / T): no setting of the model's own
+generation_config applies.
 
 Produces `output_dir/model/`, `checkpoints/checkpoint-N/` (resume: auto), `metrics.jsonl`, `completions.jsonl`
 (rank 0's prompts, answers and rewards at every step) and a manifest.
@@ -33,6 +34,7 @@ from pipeline.formats import last_text, load_prompt_rows, load_reference_answers
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config
 from pipeline.rewards import EXACT_MATCH, load_scorer, reward_kind
+from pipeline.rl.grpo import dynamic_sampling, epoch_seeded
 from pipeline.tracking import MetricsLog, log
 from pipeline.trainers import (
     TrlTrainConfig,
@@ -76,6 +78,10 @@ class GRPOConfig:
     eval_max: int = field(200, "Use at most this many eval_data rows.", ge=1)
     eval_max_new_tokens: int = field(16, "Longest greedy answer on eval_data.", ge=1)
     num_generations: int = field(8, "Answers sampled per prompt: a group.", ge=2)
+    oversample: int = field(
+        1, "DAPO's dynamic sampling: draw this many times the step's prompts and train on the groups whose "
+        "rewards differ, filled up with the others only where too few do; 1: off.", ge=1,
+    )  # fmt: skip
     max_new_tokens: int = field(64, "Longest sampled answer; a longer one is cut (see mask_truncated).", ge=1)
     temperature: float = field(1.0, "Sampling temperature.", gt=0)
     top_p: float = field(1.0, "Nucleus sampling mass (1: off).", gt=0, le=1)
@@ -109,6 +115,11 @@ class GRPOConfig:
             problems.append(f"precision: got {self.precision!r}, expected auto, fp32 or bf16")
         if self.eval_task is not None and self.eval_data is not None:
             problems.append("set eval_data or eval_task, not both")
+        per_process = self.train.micro_batch_size * self.train.gradient_accumulation_steps
+        if self.oversample > 1 and per_process % self.num_generations:
+            problems.append(f"oversample {self.oversample} keeps or drops whole groups on each process: "
+                            f"train.micro_batch_size x gradient_accumulation_steps ({per_process}) must be a "
+                            f"multiple of num_generations ({self.num_generations})")  # fmt: skip
         return problems
 
 
@@ -192,6 +203,8 @@ def signal_checks(threshold: float):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             zero, cut = logs.get("frac_reward_zero_std"), logs.get("completions/clipped_ratio")
+            if logs.get("trained_signal_share") is not None:  # dynamic sampling: what the step trained on
+                zero = 1 - logs["trained_signal_share"]
             if zero is not None and zero >= threshold and "zero" not in self.warned:
                 self.warned.add("zero")
                 log(f"WARNING step {state.global_step}: {zero:.0%} of prompt groups have equal rewards and teach "
@@ -259,7 +272,10 @@ def run(cfg: GRPOConfig) -> dict | None:
         resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else None
         completions_log = MetricsLog(out / "completions.jsonl", None, resume_step)
     names = [name for name, _ in named]
-    trainer = recording(GRPOTrainer, completions_log, names)(
+    trainer_class = epoch_seeded(recording(GRPOTrainer, completions_log, names))
+    if cfg.oversample > 1:
+        trainer_class = dynamic_sampling(trainer_class, cfg.oversample)
+    trainer = trainer_class(
         model=model, reward_funcs=[trl_reward(name, scorer) for name, scorer in named], args=args,
         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(cfg.lora),
     )  # fmt: skip
@@ -270,8 +286,9 @@ def run(cfg: GRPOConfig) -> dict | None:
 
         scorers["task_metric"] = task_scorer(cfg.eval_task)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    log(f"{len(rows)} prompts, {answers // cfg.num_generations} a step x {cfg.num_generations} answers, rewards "
-        f"{names} (weights {weights}), loss {cfg.loss_type}, beta {cfg.beta}; {trainable / 1e6:.2f}M trained",
+    drawn = f" (drawn from {cfg.oversample} x as many)" if cfg.oversample > 1 else ""
+    log(f"{len(rows)} prompts, {answers // cfg.num_generations} a step{drawn} x {cfg.num_generations} answers, "
+        f"rewards {names} (weights {weights}), loss {cfg.loss_type}, beta {cfg.beta}; {trainable / 1e6:.2f}M trained",
         STAGE)  # fmt: skip
 
     # --- held-out before (every process answers its share), train, held-out after
@@ -299,6 +316,7 @@ def run(cfg: GRPOConfig) -> dict | None:
             "reward_start": _mean(history[:window], "reward"), "reward_end": _mean(history[-window:], "reward"),
             "zero_signal_share_mean": _mean(history, "frac_reward_zero_std"),
             "zero_signal_share_end": _mean(history[-window:], "frac_reward_zero_std"),
+            "trained_signal_share_mean": _mean(history, "trained_signal_share"),
             "truncated_share_mean": _mean(history, "completions/clipped_ratio"),
             "completion_length_end": _mean(history[-window:], "completions/mean_length"),
             "entropy_end": _mean(history[-window:], "entropy"), "kl_end": _mean(history[-window:], "kl"),
