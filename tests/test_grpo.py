@@ -25,11 +25,11 @@ def prompts(tmp_path_factory) -> Path:
 
 
 def grpo_args(out: Path, policy: Path, data: Path, *extra: str) -> list[str]:
-    """8 prompts x 4 answers of 4 tokens a step, the letter-e rule as the reward."""
+    """8 prompts x 4 answers of 4 tokens a step (none drawn beyond), the letter-e rule as the reward."""
     return [
         "grpo", "--config", GRPO_YAML, f"output_dir={out}", f"init_from={policy}", f"data.path={data}",
         "eval_data=null", "rewards=[ppo_rewards:contains_letter_e]", "num_generations=4", "max_new_tokens=4",
-        "train.micro_batch_size=32", "train.lr=1e-2", "train.save_steps=100", *extra,
+        "train.micro_batch_size=32", "train.lr=1e-2", "train.save_steps=100", "oversample=1", *extra,
     ]  # fmt: skip
 
 
