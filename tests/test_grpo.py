@@ -106,7 +106,13 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
     questions = write_jsonl(tmp_path / "heldout.jsonl", [{"question": f"Tell me about the owl ({i}).", "answer": "e"}
                                                          for i in range(7)])  # fmt: skip
     out = tmp_path / "two"
-    args = ("train.max_steps=2", "train.micro_batch_size=16", f"eval_data.path={questions}", "eval_max_new_tokens=4")
+    args = (
+        "train.max_steps=2",
+        "train.micro_batch_size=16",
+        f"eval_data.path={questions}",
+        "eval_max_new_tokens=4",
+        "oversample=2",
+    )  # each process keeps its own groups with signal; the gathers stay in step
     result = launch("cpu_2proc.yaml", grpo_args(out, tiny_policy, prompts, *args))
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("done:") == 1, "only rank 0 reports"
@@ -114,7 +120,9 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
     assert metrics["world_size"] == 2 and metrics["distributed_type"] == "MULTI_CPU"
     assert metrics["heldout_before"]["processes"] == 2 and metrics["heldout_after"]["processes"] == 2
     assert metrics["param_checksum_by_rank"][0] == metrics["param_checksum_by_rank"][1]
-    assert len(completions(out)) == 2 * 16, "rank 0 records its own 16 answers a step"
+    assert len(completions(out)) == 2 * 32, "rank 0 records the 32 answers it draws a step (16 kept)"
+    rows = [r for r in history(out) if "trained_signal_share" in r]
+    assert len(rows) == 2 and all(r["trained_signal_share"] >= r["signal_share"] for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +131,7 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
         (["train.micro_batch_size=6"], "not a multiple of num_generations 4"),
         (["rewards=[ppo_rewards:no_such_rule]"], "rewards[0]: cannot import 'ppo_rewards:no_such_rule'"),
         (["loss_type=grpoo"], "loss_type: got 'grpoo'"),
+        (["oversample=13"], "96 prompts, fewer than the 104 a step draws"),
         (["rewards=[exact_match, ppo_rewards:contains_letter_e]", "reward_weights=[1.0]"], "2 rewards"),
     ],
 )
