@@ -240,11 +240,11 @@ def run(cfg: GRPOConfig) -> dict | None:
         raise UserError(f"train.micro_batch_size {train.micro_batch_size} x {world} process(es) x "
                         f"gradient_accumulation_steps {train.gradient_accumulation_steps} = {answers} answers a step: "
                         f"not a multiple of num_generations {cfg.num_generations}")  # fmt: skip
-    if answers // cfg.num_generations * cfg.oversample > len(rows):  # trl's sampler would yield no step at all
-        raise UserError(f"{cfg.data.path}: {len(rows)} prompts, fewer than the "
-                        f"{answers // cfg.num_generations * cfg.oversample} a step draws ({answers} answers / "
-                        f"num_generations {cfg.num_generations} x oversample {cfg.oversample}): add prompts or "
-                        "lower train.micro_batch_size or oversample")  # fmt: skip
+    per_step = answers // cfg.num_generations * cfg.oversample
+    if per_step > len(rows):  # trl's sampler would yield no step at all
+        raise UserError(f"{cfg.data.path}: {len(rows)} prompts, fewer than the {per_step} a step draws "
+                        f"({answers} answers / num_generations {cfg.num_generations} x oversample {cfg.oversample}): "
+                        "add prompts or lower train.micro_batch_size or oversample")  # fmt: skip
     checkpoints = out / "checkpoints"
     resume_from = trainer_resume_point(checkpoints, cfg.resume, cfg)
     from accelerate import PartialState
