@@ -170,13 +170,15 @@ def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
 
 
 REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution")
+PROMPT_COLUMNS = ("question", "problem")  # after `prompt` and `messages`
 
 
 def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False) -> list[dict]:
     """Each distinct prompt once, in file order, with its reference answer if the rows have one:
     `[{"prompt": str or message list, "reference": str or None}]`.
 
-    Prompts: a `prompt` column, or `messages` without its final assistant turn (which is then the reference).
+    Prompts: a `prompt` column, or `messages` without its final assistant turn (which is then the reference), or
+    else a `question` or `problem` column (the GSM8K and MATH layouts; any other: map it with data.columns).
     Reference: the `reference_key` column (a string, or a message list whose last assistant message counts), or
     with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
     `want_reference` makes a missing reference column an error naming the columns present."""
@@ -189,8 +191,12 @@ def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_ref
         chats = list(ds["messages"])
         prompts = [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in chats]
         references = [_final_reply(m) if m and m[-1].get("role") == "assistant" else None for m in chats]
+    elif asked := next((c for c in PROMPT_COLUMNS if c in columns), None):
+        prompts = list(ds[asked])
+        references = None
     else:
-        raise UserError(f"data: {cfg.path} has no `prompt` or `messages` column (columns: {columns})")
+        raise UserError(f"data: {cfg.path} has no `prompt`, `messages`, `question` or `problem` column (columns: "
+                        f"{columns}); map yours with data.columns, e.g. {{prompt: instruction}}")  # fmt: skip
     if reference_key is not None and reference_key not in columns:
         raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
     key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)

@@ -126,6 +126,25 @@ def test_reference_answers_from_question_rows_or_preference_pairs(tmp_path):
         load_reference_answers(DataConfig(path=bad), 10)
 
 
+def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
+    from pipeline.formats import load_prompt_rows
+
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}])
+    assert load_prompt_rows(DataConfig(path=str(gsm8k)), want_reference=True) == [
+        {"prompt": "Tom has 3 apples...", "reference": "3 + 4 = 7\n#### 7"}]  # fmt: skip
+    math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "level": "1"}])
+    assert load_prompt_rows(DataConfig(path=str(math))) == [{"prompt": "1+1?", "reference": "\\boxed{2}"}]
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": turns}])
+    assert load_prompt_rows(DataConfig(path=str(chats))) == [
+        {"prompt": [{"role": "user", "content": "hi"}], "reference": "hello"}]  # fmt: skip
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "output": "hi"}])
+    mapped = DataConfig(path=str(alpaca), columns={"prompt": "instruction", "answer": "output"})
+    assert load_prompt_rows(mapped) == [{"prompt": "Say hi.", "reference": "hi"}]
+    with pytest.raises(UserError, match=r"alpaca\.jsonl has no `prompt`.*\['instruction', 'output'\].*data\.columns"):
+        load_prompt_rows(DataConfig(path=str(alpaca)))
+
+
 def _h4_row(i: int, answer: str = "Blue.", prompt: str | None = None) -> dict:
     """A row in the layout of HuggingFaceH4/ultrafeedback_binarized: the prompt as a string, and chosen/rejected as
     whole conversations that repeat it, with the set's extra columns."""

@@ -803,9 +803,10 @@ def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, p
     assert loo.returncode == 2 and "needs rollout.samples_per_prompt >= 2" in loo.stderr
     uneven = run_cli(*ppo_args(out, tiny_policy, prompts, "rollout.samples_per_prompt=3", "reward_function=math:fsum"))
     assert uneven.returncode == 2 and "not a multiple of rollout.samples_per_prompt 3" in uneven.stderr
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "hi"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "hi"}])
     no_prompt = run_cli(*ppo_args(out, tiny_policy, bad, "reward_function=math:fsum"))
-    assert no_prompt.returncode == 2 and "no `prompt` or `messages` column" in no_prompt.stderr
+    assert no_prompt.returncode == 2 and "no `prompt`, `messages`, `question` or `problem`" in no_prompt.stderr
+    assert "data.columns, e.g. {prompt: instruction}" in no_prompt.stderr
     assert not out.exists()
 
 

@@ -135,9 +135,10 @@ Config = PPOConfig
 
 
 def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
-    """Prompts as message lists or strings (`prompt`, or `messages` without the final assistant turn), each
-    distinct prompt once, in file order (a preference file repeats a prompt for every pair), and each one's
-    reference answer (None where the rows have none); exact_match as the reward needs one on every row."""
+    """Prompts as message lists or strings (load_prompt_rows: `prompt`, `messages` without the final assistant turn,
+    `question` or `problem`), each distinct prompt once, in file order (a preference file repeats a prompt for
+    every pair), and each one's reference answer (None where the rows have none); exact_match as the reward needs
+    one on every row."""
     needs = cfg.reward_function == EXACT_MATCH
     rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs)
     return [row["prompt"] for row in rows], [row["reference"] for row in rows]
