@@ -34,8 +34,16 @@ VARIANTS = {
     "t_mc_0": ("demo_mc.yaml", 0, {}),
     "t_mc_5": ("demo_mc.yaml", 5, {}),
     "t_qa_0": ("demo_qa.yaml", 0, {"exact_match": {"regexes_to_ignore": ["[^0-9]"]}}),
-    "t_qa_5": ("demo_qa.yaml", 5, {"exact_match": {"regexes_to_ignore": ["[^0-9]"]}}),
-}
+    "t_qa_5": ("demo_qa.yaml", 5, {"exact_match": {"regexes_to_ignore": ["[^0-9]"]},
+                                   "other_filters": {"last-number": {"regex": "([0-9]+)", "group_select": -1}}}),
+}  # fmt: skip
+
+
+def lmeval_name(metric: str, stat: str = "") -> str:
+    """lm-eval's results key of our metric: `exact_match` is its first filter pipeline's ("none" when we write the
+    YAML), `exact_match,<name>` another pipeline's."""
+    name, _, pipeline = metric.partition(",")
+    return f"{name}{stat},{pipeline or 'none'}"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +116,7 @@ def samples(out: Path, task: str) -> list[dict]:
 def test_same_prompts_scores_and_metrics_as_lm_eval(task, ours, theirs):
     mine = json.loads((ours / "results.json").read_text())["tasks"][task]
     their_metrics = theirs["results"][task]
-    their_docs = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+    their_docs = sorted((s for s in theirs["samples"][task] if s["filter"] == "none"), key=lambda s: s["doc_id"])
     my_docs = samples(ours, task)
     assert len(my_docs) == len(their_docs) == N_DOCS
     for me, them in zip(my_docs, their_docs, strict=True):
@@ -119,8 +127,10 @@ def test_same_prompts_scores_and_metrics_as_lm_eval(task, ours, theirs):
         else:
             assert me["generated"] == them["resps"][0][0], f"doc {me['doc_id']}: different greedy answer"
     for metric, value in mine["metrics"].items():
-        assert value["value"] == pytest.approx(their_metrics[f"{metric},none"], abs=1e-9), metric
-        assert value["stderr"] == pytest.approx(their_metrics[f"{metric}_stderr,none"], abs=1e-9), metric
+        assert value["value"] == pytest.approx(their_metrics[lmeval_name(metric)], abs=1e-9), metric
+        assert value["stderr"] == pytest.approx(their_metrics[lmeval_name(metric, "_stderr")], abs=1e-9), metric
+    if task == "t_qa_5":  # gsm8k's layout: a second filter pipeline, scored apart
+        assert set(mine["metrics"]) == {"exact_match", "exact_match,last-number"}
     if task.startswith("t_qa"):
         assert 0 < mine["metrics"]["exact_match"]["value"] < 1
     assert mine["num_fewshot"] == VARIANTS[task][1]
@@ -137,7 +147,8 @@ def test_lm_eval_task_files_as_they_are(tmp_path, tiny_model, task_dir, lmeval_d
     tasks = json.loads((out / "results.json").read_text())["tasks"]
     for task in VARIANTS:
         for metric, value in tasks[task]["metrics"].items():
-            assert value["value"] == pytest.approx(theirs["results"][task][f"{metric},none"], abs=1e-9), (task, metric)
+            expected = theirs["results"][task][lmeval_name(metric)]
+            assert value["value"] == pytest.approx(expected, abs=1e-9), (task, metric)
     # chat_doc_to_text has no lm-eval key (its chat mode asks doc_to_text): the export drops it
     shipped = find_tasks(list(VARIANTS), [str(task_dir)])
     written = [dataclasses.replace(spec, chat_doc_to_text=None) for spec, _ in shipped]
@@ -149,6 +160,7 @@ def test_lm_eval_keys_llmpipe_cannot_reproduce_are_named(tmp_path):
     cases = {
         "metric_list": [{"metric": "bleu"}],
         "filter_list": [{"name": "x", "filter": [{"function": "majority_vote"}]}],
+        "repeats": 4,
         "generation_kwargs": {"until": ["\n"], "top_p": 0.9},
         "fewshot_config": {"sampler": "first_n", "samples": [{"q": 1}]},
     }
@@ -157,6 +169,11 @@ def test_lm_eval_keys_llmpipe_cannot_reproduce_are_named(tmp_path):
         path.write_text(yaml.safe_dump({**base, key: value}))
         with pytest.raises(UserError, match=rf"{path.name}: {key}: "):
             load_task_file(path)
+    twins = tmp_path / "twins.yaml"
+    pipeline = {"name": "x", "filter": [{"function": "take_first"}]}
+    twins.write_text(yaml.safe_dump({**base, "filter_list": [pipeline, pipeline, pipeline]}))
+    with pytest.raises(UserError, match=r"pipelines after the first need distinct names \(got \['x', 'x'\]\)"):
+        load_task_file(twins)
     typo = tmp_path / "typo.yaml"
     typo.write_text(yaml.safe_dump({**base, "metric_lst": []}))
     with pytest.raises(UserError, match="did you mean"):
@@ -268,7 +285,29 @@ HUB_ROWS = {
     "aps/super_glue": {"passage": "Iron is a metal.", "question": "is iron a metal", "label": 1},
     "EleutherAI/lambada_openai": {"text": "He opened the door and saw his friend"},
     "EleutherAI/wikitext_document_level": {"page": "Iron is a metal .\n"},
+    "openai/gsm8k": {"question": "Tom has 3 apples and buys 4. How many has he?", "answer": "3 + 4 = 7\n#### 7"},
 }  # fmt: skip
+
+
+def test_lm_evals_own_gsm8k_file_scores_both_its_filter_pipelines(tmp_path):
+    """lm-eval's installed gsm8k.yaml as it is (tag, repeats, two filter pipelines): exact_match is its
+    strict-match (the number after ####), exact_match,flexible-extract the last number; the reward is strict."""
+    import lm_eval
+
+    from pipeline.evaluation.task_rewards import answer_matches, filter_answer, task_answer_score
+
+    spec = load_task_file(Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml")
+    target = HUB_ROWS["openai/gsm8k"]["answer"]
+    answers = {" 3 + 4 = 7 apples.\n#### 7": (1.0, True), " He has 7.": (0.0, True), " He has 17.": (0.0, False),
+               " 7 apples\n\nQuestion: next": (0.0, True), " #### 1,007": (0.0, False)}  # fmt: skip
+    for text, (strict, flexible) in answers.items():
+        assert task_answer_score(spec, text, target) == strict, text
+        cut = text.split("Question:")[0]
+        assert answer_matches(spec, filter_answer(spec, cut, "flexible-extract"), target) is flexible, text
+    written = tmp_path / "gsm8k.yaml"
+    written.write_text(yaml.safe_dump(lmeval_task_config(spec)))
+    assert load_task_file(written) == spec
+    assert load_task_file(REPO / "data/tasks/gsm8k.yaml").other_filters == spec.other_filters
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "data/tasks").glob("*.yaml")))

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 
 LOCAL_BUILDERS = ("json", "csv", "parquet")
 METRICS = ("acc", "acc_norm", "exact_match", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
-LMEVAL_KEYS = ("dataset_kwargs", "metric_list", "filter_list", "fewshot_config", "tag")
+LMEVAL_KEYS = ("dataset_kwargs", "metric_list", "filter_list", "fewshot_config", "tag", "repeats",
+               "should_decontaminate", "doc_to_decontamination_query")  # fmt: skip
 GENERATION_KEYS = ("until", "max_gen_toks", "do_sample", "temperature")
 EXACT_MATCH_KEYS = ("ignore_case", "ignore_punctuation", "ignore_numbers", "regexes_to_ignore")
 
@@ -34,6 +35,12 @@ def from_lmeval(data: dict, path: Path) -> tuple[dict, list[str]]:
         if hint and not suggest(key, ours):
             problems.append(f"unknown key {key!r} (did you mean {hint!r}?)")
     data.pop("tag", None)  # lm-eval's grouping label: no meaning for one task
+    for key in ("should_decontaminate", "doc_to_decontamination_query"):  # read by lm-eval's decontamination only
+        data.pop(key, None)
+    repeats = data.pop("repeats", 1)
+    if repeats != 1:
+        problems.append(f"repeats: {repeats} answers per document are not scored by llmpipe eval (it scores one; "
+                        "set repeats: 1)")  # fmt: skip
     kwargs = data.pop("dataset_kwargs", None)
     if kwargs is not None:
         extra = sorted(set(kwargs) - {"data_files"})
@@ -55,8 +62,13 @@ def from_lmeval(data: dict, path: Path) -> tuple[dict, list[str]]:
             options = {k: metric[k] for k in EXACT_MATCH_KEYS if k in metric}
             data["exact_match"] = {**options, **data.get("exact_match", {})}
     filters = data.pop("filter_list", None)
-    if filters:
-        data["answer_filter"] = {**_filter(filters, problems), **data.get("answer_filter", {})}
+    if filters:  # lm-eval scores every pipeline; the first is our exact_match, the others exact_match,<name>
+        first, *others = [_filter(pipeline, problems) for pipeline in filters]
+        data["answer_filter"] = {**first, **data.get("answer_filter", {})}
+        names = [str(pipeline.get("name", "none")) for pipeline in filters[1:]]
+        if len(set(names)) < len(names) or "none" in names:
+            problems.append(f"filter_list: pipelines after the first need distinct names (got {names})")
+        data["other_filters"] = {**dict(zip(names, others, strict=True)), **data.get("other_filters", {})}
     fewshot = data.pop("fewshot_config", None)
     if fewshot:
         if set(fewshot) - {"sampler"}:
@@ -80,12 +92,10 @@ def _local(file: str, task_file: Path) -> str:
     return str((beside if beside.exists() or not Path(file).exists() else Path(file)).resolve())
 
 
-def _filter(filters: list, problems: list[str]) -> dict:
-    """lm-eval's one filter pipeline (regex, remove_whitespace, take_first) as our answer_filter."""
-    if len(filters) > 1:
-        problems.append(f"filter_list: {len(filters)} filter pipelines; llmpipe eval scores one (the first)")
+def _filter(pipeline: dict, problems: list[str]) -> dict:
+    """One of lm-eval's filter pipelines (regex, remove_whitespace, take_first) as our AnswerFilter."""
     out: dict[str, Any] = {}
-    for step in filters[0].get("filter", []):
+    for step in pipeline.get("filter", []):
         function = step.get("function")
         if function == "regex":
             out["regex"] = step.get("regex_pattern", r"#### (\-?[0-9\.\,]+)")
@@ -135,16 +145,21 @@ def lmeval_task_config(spec: TaskSpec) -> dict:
             "until": list(gen.until if gen.until is not None else [spec.fewshot_delimiter]),
             "max_gen_toks": gen.max_gen_toks, "do_sample": gen.do_sample, "temperature": gen.temperature,
         }  # fmt: skip
-        steps = []
-        f = spec.answer_filter
-        if f.regex is not None:
-            steps.append({"function": "regex", "regex_pattern": f.regex, "group_select": f.group_select,
-                          "fallback": f.fallback})  # fmt: skip
-        if f.strip:
-            steps.append({"function": "remove_whitespace"})
-        out["filter_list"] = [{"name": "none", "filter": [*steps, {"function": "take_first"}]}]
+        out["filter_list"] = [{"name": name, "filter": _filter_steps(f)}
+                              for name, f in (("none", spec.answer_filter), *spec.other_filters.items())]  # fmt: skip
     elif spec.output_type == "loglikelihood":
         out["metric_list"] = [{"metric": "perplexity"}, {"metric": "acc"}]
     else:
         out["metric_list"] = [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]
     return out
+
+
+def _filter_steps(f) -> list[dict]:
+    """An AnswerFilter as lm-eval's filter pipeline."""
+    steps: list[dict] = []
+    if f.regex is not None:
+        steps.append({"function": "regex", "regex_pattern": f.regex, "group_select": f.group_select,
+                      "fallback": f.fallback})  # fmt: skip
+    if f.strip:
+        steps.append({"function": "remove_whitespace"})
+    return [*steps, {"function": "take_first"}]

@@ -1,18 +1,42 @@
-"""An eval task as an RL reward and as held-out questions (grpo): its metric on one answer, its evaluated documents
-as question/answer rows."""
+"""An eval task's metric on one generated answer (its answer filters and exact-match options), as llmpipe eval
+scores it and as an RL reward (grpo), and its evaluated documents as held-out question/answer rows."""
 
 from __future__ import annotations
 
+import re
+import string
+
 from pipeline.config import UserError
-from pipeline.evaluation.tasks import (
-    TaskSpec,
-    answer_matches,
-    doc_target,
-    filter_answer,
-    load_split,
-    load_task_file,
-    resolve,
-)
+from pipeline.evaluation.tasks import TaskSpec, doc_target, load_split, load_task_file, resolve
+
+
+def filter_answer(spec: TaskSpec, text: str, name: str | None = None) -> str:
+    """What the task scores of a generated answer: its answer_filter, or the other filter called `name`."""
+    f = spec.answer_filter if name is None else spec.other_filters[name]
+    if f.regex is not None:
+        matches = re.findall(f.regex, text)
+        if not matches:
+            text = f.fallback
+        else:
+            match = matches[f.group_select]
+            if isinstance(match, tuple):  # several groups: the first that matched
+                match = next((m for m in match if m), f.fallback)
+            text = match.strip()
+    return text.strip() if f.strip else text
+
+
+def answer_matches(spec: TaskSpec, answer: str, target: str) -> bool:
+    """lm-eval's exact_match of one filtered answer against its target, with the task's options."""
+    em = spec.exact_match
+    for pattern in em.regexes_to_ignore:
+        answer, target = re.sub(pattern, "", answer), re.sub(pattern, "", target)
+    if em.ignore_case:
+        answer, target = answer.lower(), target.lower()
+    drop = (string.punctuation if em.ignore_punctuation else "") + (string.digits if em.ignore_numbers else "")
+    if drop:
+        table = str.maketrans("", "", drop)
+        answer, target = answer.translate(table), target.translate(table)
+    return answer == target
 
 
 def task_answer_score(spec: TaskSpec, text: str, target: str) -> float:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import difflib
 import re
-import string
 from functools import lru_cache
 from pathlib import Path
 from random import Random
@@ -87,6 +86,10 @@ class TaskSpec:
     fewshot_sampler: str = field("default", "default (seeded random sample) or first_n (the pool's first n).")
     generation_kwargs: GenerationSpec = field(factory=GenerationSpec, help="Generation (generate_until).")
     answer_filter: AnswerFilter = field(factory=AnswerFilter, help="Cleaning of generated answers.")
+    other_filters: dict[str, AnswerFilter] = field(
+        factory=dict, help="Further cleanings by name, each scored as its own metric `exact_match,<name>` (lm-eval's "
+        "further filter_list pipelines, e.g. gsm8k's flexible-extract). exact_match and rewards use answer_filter.",
+    )  # fmt: skip
     exact_match: ExactMatchSpec = field(factory=ExactMatchSpec, help="Exact-match options (generate_until).")
     metadata: dict[str, Any] = field(factory=dict, help="Free-form notes (version, source).")
 
@@ -104,11 +107,13 @@ class TaskSpec:
             problems.append(f"doc_to_target: required for {self.output_type}")
         if self.fewshot_sampler not in ("default", "first_n"):
             problems.append(f"fewshot_sampler: got {self.fewshot_sampler!r}, expected default or first_n")
-        if self.answer_filter.regex is not None:
-            try:
-                re.compile(self.answer_filter.regex)
-            except re.error as exc:
-                problems.append(f"answer_filter.regex: {exc}")
+        for key, answer_filter in (("answer_filter", self.answer_filter),
+                                   *((f"other_filters.{n}", f) for n, f in self.other_filters.items())):  # fmt: skip
+            if answer_filter.regex is not None:
+                try:
+                    re.compile(answer_filter.regex)
+                except re.error as exc:
+                    problems.append(f"{key}.regex: {exc}")
         for name in ("doc_to_text", "chat_doc_to_text", "doc_to_target", "doc_to_choice", "description"):
             value = getattr(self, name)
             if isinstance(value, str) and "{" in value:
@@ -365,34 +370,3 @@ def build_prompt(spec: TaskSpec, doc: dict, shots: list[dict], tokenizer=None) -
         ]
     messages.append({"role": "user", "content": resolve(doc, asked)})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-# --- scoring of generated answers -------------------------------------------------------------------------------
-
-
-def filter_answer(spec: TaskSpec, text: str) -> str:
-    f = spec.answer_filter
-    if f.regex is not None:
-        matches = re.findall(f.regex, text)
-        if not matches:
-            text = f.fallback
-        else:
-            match = matches[f.group_select]
-            if isinstance(match, tuple):  # several groups: the first that matched
-                match = next((m for m in match if m), f.fallback)
-            text = match.strip()
-    return text.strip() if f.strip else text
-
-
-def answer_matches(spec: TaskSpec, answer: str, target: str) -> bool:
-    """lm-eval's exact_match of one filtered answer against its target, with the task's options."""
-    em = spec.exact_match
-    for pattern in em.regexes_to_ignore:
-        answer, target = re.sub(pattern, "", answer), re.sub(pattern, "", target)
-    if em.ignore_case:
-        answer, target = answer.lower(), target.lower()
-    drop = (string.punctuation if em.ignore_punctuation else "") + (string.digits if em.ignore_numbers else "")
-    if drop:
-        table = str.maketrans("", "", drop)
-        answer, target = answer.translate(table), target.translate(table)
-    return answer == target

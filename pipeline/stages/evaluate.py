@@ -24,14 +24,13 @@ from pathlib import Path
 from pipeline.artifacts import atomic_write_text, begin_stage, describe_input, write_manifest
 from pipeline.config import UserError, config, field
 from pipeline.distributed import is_main_process, weights_dtype
+from pipeline.evaluation.task_rewards import answer_matches, filter_answer
 from pipeline.evaluation.tasks import (
     TaskSpec,
-    answer_matches,
     answer_text,
     build_prompt,
     doc_choices,
     doc_target,
-    filter_answer,
     find_tasks,
     gold_indices,
     load_split,
@@ -119,8 +118,12 @@ def score_task(spec: TaskSpec, task: dict, scorer, rank: int, world: int, chat: 
             targets = [choices[targets]] if choices is not None else targets
             targets = [str(t) for t in (targets if isinstance(targets, list) else [targets])]
             answer = filter_answer(spec, text)
-            hit = any(answer_matches(spec, answer, t) for t in targets)
-            out.append({"generated": text, "answer": answer, "target": targets, "exact_match": float(hit)})
+            row = {"generated": text, "answer": answer, "target": targets,
+                   "exact_match": float(any(answer_matches(spec, answer, t) for t in targets))}  # fmt: skip
+            for name in spec.other_filters:
+                other = filter_answer(spec, text, name)
+                row[f"exact_match,{name}"] = float(any(answer_matches(spec, other, t) for t in targets))
+            out.append(row)
     elif spec.output_type == "loglikelihood_rolling":
         texts = [str(resolve(doc, spec.doc_to_target or spec.doc_to_text)) for doc in docs]
         windows = scorer.rolling_groups(texts)
@@ -162,7 +165,8 @@ def aggregate(spec: TaskSpec, rows: list[dict]) -> dict:
         return {"word_perplexity": {"value": math.exp(-ll / words), "stderr": None},
                 "byte_perplexity": {"value": math.exp(-ll / nbytes), "stderr": None},
                 "bits_per_byte": {"value": -ll / nbytes / math.log(2), "stderr": None}}  # fmt: skip
-    names = {"generate_until": ["exact_match"], "loglikelihood": ["acc"]}.get(spec.output_type, ["acc", "acc_norm"])
+    names = {"generate_until": ["exact_match", *(f"exact_match,{n}" for n in spec.other_filters)],
+             "loglikelihood": ["acc"]}.get(spec.output_type, ["acc", "acc_norm"])  # fmt: skip
     metrics = {}
     if spec.output_type == "loglikelihood":
         mean_ll = statistics.fmean(r["loglikelihood"] for r in rows)
