@@ -3,6 +3,7 @@ the exact-match rule, `module:function` rules, and reward-model scoring rendered
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import numbers
@@ -101,16 +102,24 @@ def as_reply(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
-def reward_scorer(reward_model: str | None, reward_function: str | None, trust_remote_code: bool, device):
+def reward_scorer(reward_model: str | None, reward_function: str | None, trust_remote_code: bool, device,
+                  key: str = "reward_model"):  # fmt: skip
     """scorer(prompts, response_texts, references=None) -> list of floats: the reward model (its own tokenizer and
-    template, A10, through score_pairs; references unused) or the reward function."""
+    template, A10, through score_pairs; references unused) or the reward function. A folder whose config names
+    another architecture than a sequence classifier (a policy's folder) is refused: transformers would score with
+    a new random head."""
     if reward_function:
         return load_reward_function(reward_function, "reward_function")
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 
-    path = resolve_model_path(reward_model, "reward_model")
+    path = resolve_model_path(reward_model, key)
+    architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{key}: {reward_model} holds a {architectures[0]}, not a reward model (a "
+                        "...ForSequenceClassification with one score, as `llmpipe reward` writes); loading it as "
+                        "one would score with a new random head")  # fmt: skip
     tokenizer = load_tokenizer(path, trust_remote_code, pad_with_eos=True)
     model = load_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, "reward_model")
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -136,6 +145,18 @@ def reward_kind(spec: str) -> str:
     return "function" if FUNCTION_PATH.match(spec) else "model"
 
 
+def reward_entry_problem(spec: str, key: str) -> str | None:
+    """Why a reward entry names nothing (a word that is no rule, task file, function, folder or org/name hub
+    model: most often a misspelt exact_match), or None. Said before any model is loaded or hub asked."""
+    from pathlib import Path
+
+    if reward_kind(spec) != "model" or "/" in spec or Path(spec).exists():
+        return None
+    hint = " (did you mean 'exact_match'?)" if difflib.get_close_matches(spec, [EXACT_MATCH], cutoff=0.6) else ""
+    return (f"{key}: {spec!r} is not exact_match, a task YAML, a 'package.module:function' or a reward-model "
+            f"folder or hub name (org/name){hint}")  # fmt: skip
+
+
 def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=None):
     """scorer(prompts, texts, references=None) -> floats for one reward entry (reward_kind): the rule, the
     function, the task's metric against each reference, or the reward model on `device` scored as its trainer saw
@@ -143,7 +164,7 @@ def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=Non
     if reward_kind(spec) == "task":
         return task_scorer(spec)
     if reward_kind(spec) == "model":
-        return reward_scorer(spec, None, trust_remote_code, device)
+        return reward_scorer(spec, None, trust_remote_code, device, key)
     return load_reward_function(spec, key)
 
 

@@ -133,10 +133,13 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
         (["loss_type=grpoo"], "loss_type: got 'grpoo'"),
         (["oversample=13"], "96 prompts, fewer than the 104 a step draws"),
         (["rewards=[exact_match, ppo_rewards:contains_letter_e]", "reward_weights=[1.0]"], "2 rewards"),
+        (["rewards=[exact_matc]"], "rewards[0]: 'exact_matc' is not exact_match, a task YAML"),  # not a hub call
+        (["rewards=[POLICY]"], "holds a LlamaForCausalLM, not a reward model"),  # no random score head
     ],
 )
 def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, rule_reward_path, extra, message):
     out = tmp_path / "bad"
+    extra = [e.replace("POLICY", str(tiny_policy)) for e in extra]
     result = run_cli(*grpo_args(out, tiny_policy, prompts, *extra))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (out / "manifest.json").exists() and not (out / "model").exists()

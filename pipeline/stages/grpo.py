@@ -33,7 +33,7 @@ from pipeline.distributed import launch_facts, world_size
 from pipeline.formats import last_text, load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config
-from pipeline.rewards import EXACT_MATCH, load_scorer, reward_kind
+from pipeline.rewards import EXACT_MATCH, load_scorer, reward_entry_problem, reward_kind
 from pipeline.rl.grpo import dynamic_sampling, epoch_seeded
 from pipeline.tracking import MetricsLog, log
 from pipeline.trainers import (
@@ -109,6 +109,7 @@ class GRPOConfig:
             problems.append(f"scale_rewards: got {self.scale_rewards!r}, expected one of {', '.join(SCALE_REWARDS)}")
         if not self.rewards:
             problems.append("rewards: the list is empty; name at least one (e.g. [exact_match])")
+        problems += filter(None, (reward_entry_problem(r, f"rewards[{i}]") for i, r in enumerate(self.rewards)))
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             problems.append(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
         if self.precision not in ("auto", "fp32", "bf16"):
