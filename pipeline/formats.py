@@ -169,7 +169,7 @@ def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
     return rows
 
 
-REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution")
+REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution", "ground_truth")  # the last: open-instruct RLVR
 PROMPT_COLUMNS = ("question", "problem")  # after `prompt` and `messages`
 
 

@@ -138,6 +138,10 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": turns}])
     assert load_prompt_rows(DataConfig(path=str(chats))) == [
         {"prompt": [{"role": "user", "content": "hi"}], "reference": "hello"}]  # fmt: skip
+    rlvr = [{"messages": [{"role": "user", "content": "2+2?"}], "ground_truth": "4", "dataset": "gsm8k"}]
+    rlvr = write_jsonl(tmp_path / "rlvr.jsonl", rlvr)  # open-instruct's RLVR layout: the user turn alone
+    assert load_prompt_rows(DataConfig(path=str(rlvr)), want_reference=True) == [
+        {"prompt": [{"role": "user", "content": "2+2?"}], "reference": "4"}]  # fmt: skip
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "output": "hi"}])
     mapped = DataConfig(path=str(alpaca), columns={"prompt": "instruction", "answer": "output"})
     assert load_prompt_rows(mapped) == [{"prompt": "Say hi.", "reference": "hi"}]
