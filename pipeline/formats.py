@@ -240,10 +240,12 @@ def _normalised(prompt) -> str:
 
 def overlap_problem(where: str, prompts: list, questions: list[dict], data_path) -> str | None:
     """The refusal when held-out questions (strings or message lists) are also training prompts, compared by their
-    last user turn, case- and whitespace-insensitively: RL on them would make the held-out number a training
-    number. None when no question is a training prompt."""
+    last user turn, case- and whitespace-insensitively, and by a task document's fields the question embeds
+    (`asked_fields`: a training prompt that is a gsm8k question without "Question: ...\nAnswer:"): RL on them
+    would make the held-out number a training number. None when no question is a training prompt."""
     seen = {_normalised(p) for p in prompts}
-    shared = [q["question"] for q in questions if _normalised(q["question"]) in seen]
+    shared = [q["question"] for q in questions
+              if any(_normalised(text) in seen for text in (q["question"], *q.get("asked_fields", ())))]  # fmt: skip
     if not shared:
         return None
     return (f"{where}: {len(shared)} of its {len(questions)} held-out questions are training prompts in {data_path} "

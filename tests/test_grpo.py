@@ -145,13 +145,13 @@ def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, ru
     assert not (out / "manifest.json").exists() and not (out / "model").exists()
 
 
-def letter_task(folder: Path, questions: list[str]) -> Path:
+def letter_task(folder: Path, questions: list[str], doc_to_text: str = "{{question}}") -> Path:
     """A generate_until task whose filter keeps the first 'e' of an answer: exact match with the target 'e' is the
     letter-e rule, so the task's metric (not plain string equality) must be what scores."""
     write_jsonl(folder / "docs.jsonl", [{"question": q, "answer": "e"} for q in questions])
     (folder / "letter.yaml").write_text(
         "task: letter\noutput_type: generate_until\ndata_files:\n  test: docs.jsonl\ntest_split: test\n"
-        "doc_to_text: '{{question}}'\ndoc_to_target: answer\ngeneration_kwargs:\n  max_gen_toks: 4\n"
+        f"doc_to_text: {json.dumps(doc_to_text)}\ndoc_to_target: answer\ngeneration_kwargs:\n  max_gen_toks: 4\n"
         "answer_filter:\n  regex: '(e)'\n"
     )
     return folder / "letter.yaml"
@@ -171,10 +171,12 @@ def test_a_task_file_is_the_reward_and_the_heldout_eval(tmp_path, tiny_policy, p
     assert after["task_metric"] > before["task_metric"], (before, after)
 
 
-def test_heldout_questions_that_are_training_prompts_are_refused(tmp_path, tiny_policy, prompts, rule_reward_path):
-    task = letter_task(
-        tmp_path, ["Tell me about the owl (1).", "Tell me about  THE CAT (3).", "Tell me about Zarel (11)."]
-    )
+@pytest.mark.parametrize("doc_to_text", ["{{question}}", "Question: {{question}}\nAnswer:"])  # the 2nd: gsm8k's
+def test_heldout_questions_that_are_training_prompts_are_refused(
+    tmp_path, tiny_policy, prompts, rule_reward_path, doc_to_text
+):
+    questions = ["Tell me about the owl (1).", "Tell me about  THE CAT (3).", "Tell me about Zarel (11)."]
+    task = letter_task(tmp_path, questions, doc_to_text)
     out = tmp_path / "grpo"
     result = run_cli(*grpo_args(out, tiny_policy, prompts, f"rewards=[{task}]", f"eval_task={task}"))
     assert result.returncode == 2, result.stderr[-2000:]

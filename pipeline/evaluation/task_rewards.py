@@ -64,6 +64,10 @@ def task_questions(spec: TaskSpec, split: str | None = None) -> list[dict]:
     rows = []
     for doc in load_split(spec, split or spec.eval_split):
         target = doc_target(spec, doc)
-        rows.append({"question": str(resolve(doc, spec.chat_doc_to_text or spec.doc_to_text)),
-                     "answer": str(target[0] if isinstance(target, list) else target)})  # fmt: skip
+        question = str(resolve(doc, spec.chat_doc_to_text or spec.doc_to_text))
+        # the document's own text inside the prompt (gsm8k's `question` in "Question: ...\nAnswer:"), which the
+        # overlap check also looks for among training prompts written without the task's scaffolding
+        inside = [v for v in doc.values() if isinstance(v, str) and len(v.strip()) >= 8 and v in question]
+        rows.append({"question": question, "answer": str(target[0] if isinstance(target, list) else target),
+                     "asked_fields": inside})  # fmt: skip
     return rows
