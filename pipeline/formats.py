@@ -170,7 +170,7 @@ def load_reference_answers(cfg: DataConfig, limit: int) -> list[dict]:
 
 
 REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution", "ground_truth")  # the last: open-instruct RLVR
-PROMPT_COLUMNS = ("question", "problem")  # after `prompt` and `messages`
+PROMPT_COLUMNS = ("prompt", "messages", "question", "problem")  # the first present is read
 
 
 def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False) -> list[dict]:
@@ -184,19 +184,17 @@ def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_ref
     `want_reference` makes a missing reference column an error naming the columns present."""
     ds = load_examples(cfg, required=[])
     columns = ds.column_names
-    if "prompt" in columns:
-        prompts = list(ds["prompt"])
-        references = None
-    elif "messages" in columns:
+    asked = next((c for c in PROMPT_COLUMNS if c in columns), None)
+    if asked is None:
+        raise UserError(f"data: {cfg.path} has no `prompt`, `messages`, `question` or `problem` column (columns: "
+                        f"{columns}); map yours with data.columns, e.g. {{prompt: instruction}}")  # fmt: skip
+    references = None
+    if asked == "messages":
         chats = list(ds["messages"])
         prompts = [m[:-1] if m and m[-1].get("role") == "assistant" else m for m in chats]
         references = [_final_reply(m) if m and m[-1].get("role") == "assistant" else None for m in chats]
-    elif asked := next((c for c in PROMPT_COLUMNS if c in columns), None):
-        prompts = list(ds[asked])
-        references = None
     else:
-        raise UserError(f"data: {cfg.path} has no `prompt`, `messages`, `question` or `problem` column (columns: "
-                        f"{columns}); map yours with data.columns, e.g. {{prompt: instruction}}")  # fmt: skip
+        prompts = list(ds[asked])
     if reference_key is not None and reference_key not in columns:
         raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
     key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)
