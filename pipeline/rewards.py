@@ -102,24 +102,33 @@ def as_reply(prompt, text: str):
     return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
 
 
+def require_reward_model(path: str, given: str, trust_remote_code: bool, key: str = "reward_model") -> None:
+    """Refuse a folder whose config names another architecture than a sequence classifier (a policy's folder):
+    transformers would load it and score with a new, random head. `given` is what the user wrote under `key`."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}: cannot load {given!r}: {' '.join(str(exc).split())[:300]}") from None
+    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{key}: {given} holds a {architectures[0]}, not a reward model (a "
+                        "...ForSequenceClassification with one score, as `llmpipe reward` writes); loading it as "
+                        "one would score with a new random head")  # fmt: skip
+
+
 def reward_scorer(reward_model: str | None, reward_function: str | None, trust_remote_code: bool, device,
                   key: str = "reward_model"):  # fmt: skip
     """scorer(prompts, response_texts, references=None) -> list of floats: the reward model (its own tokenizer and
-    template, A10, through score_pairs; references unused) or the reward function. A folder whose config names
-    another architecture than a sequence classifier (a policy's folder) is refused: transformers would score with
-    a new random head."""
+    template, A10, through score_pairs; references unused; require_reward_model first) or the reward function."""
     if reward_function:
         return load_reward_function(reward_function, "reward_function")
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(reward_model, key)
-    architectures = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).architectures or []
-    if architectures and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise UserError(f"{key}: {reward_model} holds a {architectures[0]}, not a reward model (a "
-                        "...ForSequenceClassification with one score, as `llmpipe reward` writes); loading it as "
-                        "one would score with a new random head")  # fmt: skip
+    require_reward_model(path, reward_model, trust_remote_code, key)
     tokenizer = load_tokenizer(path, trust_remote_code, pad_with_eos=True)
     model = load_pretrained(AutoModelForSequenceClassification, path, trust_remote_code, "reward_model")
     model.config.pad_token_id = tokenizer.pad_token_id

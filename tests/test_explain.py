@@ -192,8 +192,12 @@ def test_probe_catches_a_bigger_number_wins_reward_model(tmp_path, base_model): 
     assert on_answer_digit >= 0.6 * len(texts), on_answer_digit
 
 
-def test_bad_input_is_refused_before_any_work(tmp_path):
+def test_bad_input_is_refused_before_any_work(tmp_path, base_model):  # noqa: F811
     rows = write_jsonl(tmp_path / "rows.jsonl", [{"question": "q", "answer": "a"}])
+    # a policy's folder loads as a sequence classifier too, with a new random head: refused by its architecture
+    result = run_cli("explain", "--config", EXPLAIN_YAML, f"output_dir={tmp_path / 'out'}", f"data.path={rows}",
+                     f"reward_model={base_model}")  # fmt: skip
+    assert result.returncode == 2 and "holds a LlamaForCausalLM, not a reward model" in result.stderr, result.stderr
     result = run_cli("explain", "--config", EXPLAIN_YAML, f"output_dir={tmp_path / 'out'}", f"data.path={rows}",
                      "reward_model=does/not/exist")  # fmt: skip
     assert result.returncode == 2 and "reward_model: no such folder" in result.stderr, result.stderr

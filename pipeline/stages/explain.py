@@ -44,7 +44,7 @@ from pipeline.data import load_examples, stage_inputs
 from pipeline.distributed import world_size
 from pipeline.formats import last_text, load_preference_pairs
 from pipeline.modeling import load_pretrained, model_and_tokenizer
-from pipeline.rewards import as_reply, reward_inputs, score_pairs
+from pipeline.rewards import as_reply, require_reward_model, reward_inputs, score_pairs
 from pipeline.tracking import log
 
 STAGE = "explain"
@@ -150,6 +150,7 @@ def run(cfg: ExplainConfig) -> dict:
     out = Path(cfg.output_dir)
     model_path, tokenizer = model_and_tokenizer(cfg.reward_model, cfg.tokenizer, cfg.trust_remote_code, True,
                                                 "reward_model")  # fmt: skip
+    require_reward_model(model_path, cfg.reward_model, cfg.trust_remote_code)
     rows = load_rows(cfg)
     begin_stage(out, cfg, fresh=True)
     model = load_pretrained(AutoModelForSequenceClassification, model_path, cfg.trust_remote_code, "reward_model",
