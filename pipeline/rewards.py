@@ -12,11 +12,41 @@ import re
 from pipeline.config import UserError
 
 EXACT_MATCH = "exact_match"
+MATH_VERIFY = "math_verify"
+RULES = (EXACT_MATCH, MATH_VERIFY)  # the rules named by a word; both score each answer against its reference
 
 
 def exact_match(prompts: list, responses: list[str], references: list[str | None]) -> list[float]:
     """1.0 when the answer equals the reference after strip(), else 0.0 (no reference: 0.0)."""
     return [float(r is not None and s.strip() == r.strip()) for s, r in zip(responses, references, strict=True)]
+
+
+def math_verify_match(prompts: list, responses: list[str], references: list[str | None]) -> list[float]:
+    """1.0 when the answer's final value equals the reference's, as math-verify (Hugging Face's grader, which trl's
+    accuracy_reward and open-r1 use) parses and compares them: a worked solution ending "#### 72" (GSM8K) or holding
+    "\\boxed{\\frac{1}{3}}" (MATH) against an answer with the same number or expression, LaTeX or plain, in any
+    equivalent form. A reference math-verify cannot parse, or none, scores 0.0."""
+    from math_verify import parse, verify
+
+    scores = []
+    for response, reference in zip(responses, references, strict=True):
+        gold = parse(reference) if reference else []
+        scores.append(float(bool(gold) and verify(gold, parse(response))))
+    return scores
+
+
+def worked_solutions_problem(reward: str, references: list[str | None], where: str) -> str | None:
+    """Why exact_match or a task reward cannot score these references: most are worked solutions (GSM8K's
+    "#### 72", MATH's \\boxed{}), which no filtered answer equals as a whole. None when fine."""
+    marked = sum(bool(r) and ("\n#### " in r or "\\boxed{" in r) for r in references)
+    if reward_kind(reward) not in ("rule", "task") or reward == MATH_VERIFY or marked * 2 <= len(references):
+        return None
+    return (
+        f'{where}: {marked} of {len(references)} reference answers are worked solutions ("#### <answer>" or '
+        f"\\boxed{{...}}); {reward} compares an answer with the whole solution and would never match. Use "
+        "math_verify (compares the final values), or put the final answers in a column of their own and name "
+        "it with reference_key"
+    )
 
 
 def import_function(path: str, key: str):
@@ -32,10 +62,17 @@ def import_function(path: str, key: str):
 
 
 def load_reward_function(name: str, key: str):
-    """A rule as fn(prompts, responses, references=None) -> one float per response: `exact_match`, or a
-    'module:function' taking (prompts, responses) and, if it accepts it, `references=`. The values are checked."""
-    if name == EXACT_MATCH:
-        return lambda prompts, responses, references=None: exact_match(
+    """A rule as fn(prompts, responses, references=None) -> one float per response: `exact_match`,
+    `math_verify`, or a 'module:function' taking (prompts, responses) and, if it accepts it, `references=`. The
+    values are checked."""
+    if name in RULES:
+        if name == MATH_VERIFY:
+            try:
+                import math_verify  # noqa: F401
+            except ImportError:
+                raise UserError(f"{key}: math_verify needs the math-verify package: pip install math-verify") from None
+        rule = exact_match if name == EXACT_MATCH else math_verify_match
+        return lambda prompts, responses, references=None: rule(
             prompts, responses, references or [None] * len(responses)
         )
     function = import_function(name, key)
@@ -144,10 +181,10 @@ FUNCTION_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def reward_kind(spec: str) -> str:
-    """What a reward entry names: 'rule' (exact_match), 'task' (an eval task YAML: its answer filter and
+    """What a reward entry names: 'rule' (exact_match, math_verify), 'task' (an eval task YAML: its answer filter and
     exact-match options), 'function' ('package.module:function') or 'model' (a reward stage folder, any
     sequence-classification model folder or hub name)."""
-    if spec == EXACT_MATCH:
+    if spec in RULES:
         return "rule"
     if spec.endswith((".yaml", ".yml")):
         return "task"
@@ -161,9 +198,10 @@ def reward_entry_problem(spec: str, key: str) -> str | None:
 
     if reward_kind(spec) != "model" or "/" in spec or Path(spec).exists():
         return None
-    hint = " (did you mean 'exact_match'?)" if difflib.get_close_matches(spec, [EXACT_MATCH], cutoff=0.6) else ""
-    return (f"{key}: {spec!r} is not exact_match, a task YAML, a 'package.module:function' or a reward-model "
-            f"folder or hub name (org/name){hint}")  # fmt: skip
+    close = difflib.get_close_matches(spec, RULES, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"{key}: {spec!r} is not exact_match, math_verify, a task YAML, a 'package.module:function' or a "
+            f"reward-model folder or hub name (org/name){hint}")  # fmt: skip
 
 
 def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=None):

@@ -133,13 +133,16 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
         (["loss_type=grpoo"], "loss_type: got 'grpoo'"),
         (["oversample=13"], "96 prompts, fewer than the 104 a step draws"),
         (["rewards=[exact_match, ppo_rewards:contains_letter_e]", "reward_weights=[1.0]"], "2 rewards"),
-        (["rewards=[exact_matc]"], "rewards[0]: 'exact_matc' is not exact_match, a task YAML"),  # not a hub call
+        (["rewards=[exact_matc]"], "'exact_matc' is not exact_match, math_verify, a task YAML"),  # not a hub call
         (["rewards=[POLICY]"], "holds a LlamaForCausalLM, not a reward model"),  # no random score head
+        (["data.path=GSM8K", "rewards=[exact_match]"], "8 of 8 reference answers are worked solutions"),
     ],
 )
 def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, rule_reward_path, extra, message):
     out = tmp_path / "bad"
-    extra = [e.replace("POLICY", str(tiny_policy)) for e in extra]
+    gsm8k = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(8)]
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k)  # exact_match would never match its references
+    extra = [e.replace("POLICY", str(tiny_policy)).replace("GSM8K", str(gsm8k)) for e in extra]
     result = run_cli(*grpo_args(out, tiny_policy, prompts, *extra))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (out / "manifest.json").exists() and not (out / "model").exists()

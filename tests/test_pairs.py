@@ -12,6 +12,7 @@ from test_distributed import launch
 
 from pipeline.config import DataConfig
 from pipeline.formats import load_preference_pairs
+from pipeline.rewards import load_reward_function
 from pipeline.stages.pairs import PairsConfig, make_pairs
 
 PAIRS_YAML = str(REPO / "configs/tiny/pairs.yaml")
@@ -162,3 +163,39 @@ def test_bad_input_is_refused_before_sampling(tmp_path, tiny_model):
     assert judge.returncode == 2 and "judge: cannot import 'nowhere:nothing'" in judge.stderr
     assert run_cli(*pairs_args(out, tiny_model, plain, "judge=exactmatch")).returncode == 2
     assert not out.exists()
+
+
+GSM8K_ROWS = [  # the GSM8K layout: the reference is a worked solution ending "#### <answer>"
+    {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+    for a, b in ((3, 4), (12, 30), (7, 1000), (25, 25), (9, 6), (40, 2))
+]  # fmt: skip
+
+
+def test_math_verify_scores_final_values_in_any_form():
+    """The math_verify rule compares final values as math-verify parses them: GSM8K's '#### 1,007' against 1007
+    written plainly, MATH's \\boxed{} against an equal fraction; a wrong value, no answer or an unparsable
+    reference score 0."""
+    rule = load_reward_function("math_verify", "judge")
+    gsm8k = GSM8K_ROWS[2]["answer"]  # ... #### 1007
+    responses = ["#### 1,007", "He has 1007 apples.", "He has 1006 apples.", "I do not know."]
+    assert rule([None] * 4, responses, [gsm8k] * 4) == [1.0, 1.0, 0.0, 0.0]
+    math = r"Add the fractions: $\frac{1}{6} + \frac{1}{6} = \boxed{\frac{1}{3}}$."
+    assert rule([None] * 3, [r"$\boxed{\frac{2}{6}}$", r"$\boxed{\frac{1}{2}}$", "1/3"], [math] * 3) == [1.0, 0.0, 1.0]
+    assert rule([None] * 2, ["7", "7"], ["no number here", None]) == [0.0, 0.0]
+
+
+def test_math_verify_judges_gsm8k_solutions_and_exact_match_is_refused(tmp_path, tiny_model):
+    """On GSM8K's own layout, math_verify judges: the worked-solution reference is right, the random model's answers
+    are wrong, so every prompt gives pairs. exact_match on the same file is refused before sampling, naming why."""
+    data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    refused = run_cli(*pairs_args(tmp_path / "em", tiny_model, data))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "6 of 6 reference answers are worked solutions" in refused.stderr and "math_verify" in refused.stderr
+    assert not (tmp_path / "em").exists()
+    out = tmp_path / "mv"
+    result = run_cli(*pairs_args(out, tiny_model, data, "judge=math_verify"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    pairs = read_jsonl(out / "pairs.jsonl")
+    assert {p["prompt"] for p in pairs} == {r["question"] for r in GSM8K_ROWS}
+    assert all(p["chosen_score"] == 1.0 and p["rejected_score"] == 0.0 for p in pairs)

@@ -32,7 +32,7 @@ from pipeline.distributed import on_gpu, weights_dtype
 from pipeline.formats import load_prompt_rows
 from pipeline.generation import encode_prompts, rollout
 from pipeline.modeling import load_pretrained, model_and_tokenizer
-from pipeline.rewards import EXACT_MATCH, as_reply, load_reward_function
+from pipeline.rewards import EXACT_MATCH, RULES, as_reply, load_reward_function, worked_solutions_problem
 from pipeline.tracking import log
 
 STAGE = "pairs"
@@ -53,7 +53,8 @@ class PairsConfig:
         "`messages`, else the first of chosen, answer, reference, solution present.",
     )  # fmt: skip
     judge: str = field(
-        EXACT_MATCH, "exact_match (the answer equals the reference after strip(): 1, else 0) or 'module:function' "
+        EXACT_MATCH, "exact_match (the answer equals the reference after strip(): 1, else 0), math_verify (its final "
+        "value equals the reference's: GSM8K or MATH solutions) or 'module:function' "
         "taking (prompts, responses[, references=]) -> one float per response.",
     )  # fmt: skip
     include_reference: bool = field(
@@ -74,8 +75,9 @@ class PairsConfig:
 
     def check(self) -> list[str]:
         problems = []
-        if self.judge != EXACT_MATCH and ":" not in self.judge:
-            problems.append(f"judge: got {self.judge!r}; expected exact_match or 'package.module:function'")
+        if self.judge not in RULES and ":" not in self.judge:
+            problems.append(f"judge: got {self.judge!r}; expected exact_match, math_verify or "
+                            "'package.module:function'")  # fmt: skip
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"precision: got {self.precision!r}, expected auto, fp32 or bf16")
         return problems
@@ -121,7 +123,9 @@ def run(cfg: PairsConfig) -> dict | None:
     started = time.time()
     out = Path(cfg.output_dir)
     judge = load_reward_function(cfg.judge, "judge")
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=cfg.judge == EXACT_MATCH)
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=cfg.judge in RULES)
+    if problem := worked_solutions_problem(cfg.judge, [r["reference"] for r in rows], f"data: {cfg.data.path}"):
+        raise UserError(problem)
     rows = rows[: cfg.max_prompts]
     model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, True, "model")
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:

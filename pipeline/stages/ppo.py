@@ -40,7 +40,7 @@ from pipeline.modeling import (
     save_model,
     whole_weights,
 )
-from pipeline.rewards import EXACT_MATCH, load_reward_function, reward_scorer
+from pipeline.rewards import RULES, load_reward_function, reward_scorer, worked_solutions_problem
 from pipeline.rl.core import KLController, groups_with_signal, pick_groups
 from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_critic, with_value_head
 from pipeline.rl.ppo import (
@@ -69,7 +69,8 @@ class PPOConfig:
     reward_model: str | None = field(None, "A reward stage folder or any sequence-classification model (1 score).")
     reward_function: str | None = field(
         None, "Instead of a reward model: exact_match (the answer equals the prompt's reference after strip(): 1, "
-        "else 0) or 'module:function' taking (prompts, responses[, references=]) -> one float per response.",
+        "else 0), math_verify (its final value equals the reference's) or 'module:function' taking "
+        "(prompts, responses[, references=]) -> one float per response.",
     )  # fmt: skip
     reference_key: str | None = field(
         None, "Column of data with each prompt's reference answer for reward_function (None: the final "
@@ -138,10 +139,14 @@ def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
     """Prompts as message lists or strings (load_prompt_rows: `prompt`, `messages` without the final assistant turn,
     `question` or `problem`), each distinct prompt once, in file order (a preference file repeats a prompt for
     every pair), and each one's reference answer (None where the rows have none); exact_match as the reward needs
-    one on every row."""
-    needs = cfg.reward_function == EXACT_MATCH
+    one on every row (math_verify too)."""
+    needs = cfg.reward_function in RULES
     rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs)
-    return [row["prompt"] for row in rows], [row["reference"] for row in rows]
+    references = [row["reference"] for row in rows]
+    where = f"data: {cfg.data.path}"
+    if cfg.reward_function and (problem := worked_solutions_problem(cfg.reward_function, references, where)):
+        raise UserError(problem)
+    return [row["prompt"] for row in rows], references
 
 
 # --- models: policy, reference, critic (its kind decided once) ----------------------------------------------------
