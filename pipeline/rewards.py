@@ -26,12 +26,20 @@ def math_verify_match(prompts: list, responses: list[str], references: list[str 
     accuracy_reward and open-r1 use) parses and compares them: a worked solution ending "#### 72" (GSM8K) or holding
     "\\boxed{\\frac{1}{3}}" (MATH) against an answer with the same number or expression, LaTeX or plain, in any
     equivalent form. A reference math-verify cannot parse, or none, scores 0.0."""
+    import logging
+    import threading
+
     from math_verify import parse, verify
 
+    # math-verify times out with signal.alarm, which only the main thread may set (as trl's accuracy_reward does)
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:  # its warning that timeouts are off, once per call, is not the user's concern
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
     scores = []
     for response, reference in zip(responses, references, strict=True):
-        gold = parse(reference) if reference else []
-        scores.append(float(bool(gold) and verify(gold, parse(response))))
+        gold = parse(reference, parsing_timeout=timeout) if reference else []
+        answer = parse(response, parsing_timeout=timeout) if gold else []
+        scores.append(float(bool(gold) and verify(gold, answer, timeout_seconds=timeout)))
     return scores
 
 
