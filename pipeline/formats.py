@@ -173,7 +173,9 @@ REFERENCE_COLUMNS = ("chosen", "answer", "reference", "solution", "ground_truth"
 PROMPT_COLUMNS = ("prompt", "messages", "question", "problem")  # the first present is read
 
 
-def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False) -> list[dict]:
+def load_prompt_rows(
+    cfg: DataConfig, reference_key: str | None = None, want_reference: bool = False, chat: bool = False
+) -> list[dict]:
     """Each distinct prompt once, in file order, with its reference answer if the rows have one:
     `[{"prompt": str or message list, "reference": str or None}]`.
 
@@ -181,7 +183,9 @@ def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_ref
     else a `question` or `problem` column (the GSM8K and MATH layouts; any other: map it with data.columns).
     Reference: the `reference_key` column (a string, or a message list whose last assistant message counts), or
     with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
-    `want_reference` makes a missing reference column an error naming the columns present."""
+    `want_reference` makes a missing reference column an error naming the columns present. With `chat` (the model
+    has a chat template) a `question` or `problem` is asked as one user turn, as a chat model is asked: those
+    columns hold the bare problem, where a `prompt` string is the text the model continues, as trl reads it."""
     ds = load_examples(cfg, required=[])
     columns = ds.column_names
     asked = next((c for c in PROMPT_COLUMNS if c in columns), None)
@@ -195,6 +199,8 @@ def load_prompt_rows(cfg: DataConfig, reference_key: str | None = None, want_ref
         references = [_final_reply(m) if m and m[-1].get("role") == "assistant" else None for m in chats]
     else:
         prompts = list(ds[asked])
+        if chat and asked in ("question", "problem"):
+            prompts = [[{"role": "user", "content": p}] if isinstance(p, str) and p else p for p in prompts]
     if reference_key is not None and reference_key not in columns:
         raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
     key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)

@@ -134,6 +134,9 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
         {"prompt": "Tom has 3 apples...", "reference": "3 + 4 = 7\n#### 7"}]  # fmt: skip
     math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "level": "1"}])
     assert load_prompt_rows(DataConfig(path=str(math))) == [{"prompt": "1+1?", "reference": "\\boxed{2}"}]
+    # a chat model is asked the bare question as its user turn (a `prompt` string stays the text it continues)
+    asked = [r["prompt"] for p in (gsm8k, math) for r in load_prompt_rows(DataConfig(path=str(p)), chat=True)]
+    assert asked == [[{"role": "user", "content": "Tom has 3 apples..."}], [{"role": "user", "content": "1+1?"}]]
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": turns}])
     assert load_prompt_rows(DataConfig(path=str(chats))) == [
@@ -145,6 +148,7 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "output": "hi"}])
     mapped = DataConfig(path=str(alpaca), columns={"prompt": "instruction", "answer": "output"})
     assert load_prompt_rows(mapped) == [{"prompt": "Say hi.", "reference": "hi"}]
+    assert load_prompt_rows(mapped, chat=True) == [{"prompt": "Say hi.", "reference": "hi"}]
     with pytest.raises(UserError, match=r"alpaca\.jsonl has no `prompt`.*\['instruction', 'output'\].*data\.columns"):
         load_prompt_rows(DataConfig(path=str(alpaca)))
 

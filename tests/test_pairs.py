@@ -187,7 +187,7 @@ def test_math_verify_scores_final_values_in_any_form():
 
 def test_math_verify_judges_gsm8k_solutions_and_exact_match_is_refused(tmp_path, tiny_model):
     """On GSM8K's own layout, math_verify judges: the worked-solution reference is right, the random model's answers
-    are wrong, so every prompt gives pairs. exact_match on the same file is refused before sampling, naming why."""
+    are wrong, so every question gives pairs. exact_match on the same file is refused before sampling, naming why."""
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
     refused = run_cli(*pairs_args(tmp_path / "em", tiny_model, data))
     assert refused.returncode == 2, refused.stderr[-2000:]
@@ -197,5 +197,7 @@ def test_math_verify_judges_gsm8k_solutions_and_exact_match_is_refused(tmp_path,
     result = run_cli(*pairs_args(out, tiny_model, data, "judge=math_verify"))
     assert result.returncode == 0, result.stderr[-3000:]
     pairs = read_jsonl(out / "pairs.jsonl")
-    assert {p["prompt"] for p in pairs} == {r["question"] for r in GSM8K_ROWS}
+    # the model has a chat template: each bare question is asked as its user turn
+    assert all(p["prompt"][0]["role"] == "user" for p in pairs)
+    assert {p["prompt"][0]["content"] for p in pairs} == {r["question"] for r in GSM8K_ROWS}
     assert all(p["chosen_score"] == 1.0 and p["rejected_score"] == 0.0 for p in pairs)

@@ -232,7 +232,7 @@ def run(cfg: GRPOConfig) -> dict | None:
     out = Path(cfg.output_dir)
     model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
     needs_reference = any(reward_kind(r) in ("rule", "task") for r in cfg.rewards)
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs_reference)
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, needs_reference, chat=bool(tokenizer.chat_template))
     for reward in cfg.rewards:
         if problem := worked_solutions_problem(reward, [r["reference"] for r in rows], f"data: {cfg.data.path}"):
             raise UserError(problem)

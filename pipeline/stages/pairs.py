@@ -123,11 +123,11 @@ def run(cfg: PairsConfig) -> dict | None:
     started = time.time()
     out = Path(cfg.output_dir)
     judge = load_reward_function(cfg.judge, "judge")
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=cfg.judge in RULES)
+    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, True, "model")
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, cfg.judge in RULES, chat=bool(tokenizer.chat_template))
     if problem := worked_solutions_problem(cfg.judge, [r["reference"] for r in rows], f"data: {cfg.data.path}"):
         raise UserError(problem)
     rows = rows[: cfg.max_prompts]
-    model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, True, "model")
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.model} has no chat template, but {cfg.data.path} holds conversations")
     state = PartialState(cpu=not on_gpu())

@@ -135,13 +135,13 @@ Config = PPOConfig
 # --- prompts and held-out questions ------------------------------------------------------------------------------
 
 
-def load_prompts(cfg: PPOConfig) -> tuple[list, list]:
+def load_prompts(cfg: PPOConfig, chat: bool) -> tuple[list, list]:
     """Prompts as message lists or strings (load_prompt_rows: `prompt`, `messages` without the final assistant turn,
-    `question` or `problem`), each distinct prompt once, in file order (a preference file repeats a prompt for
-    every pair), and each one's reference answer (None where the rows have none); exact_match as the reward needs
-    one on every row (math_verify too)."""
+    `question` or `problem`, asked as a user turn to a chat model), each distinct prompt once, in file order (a
+    preference file repeats a prompt for every pair), and each one's reference answer (None where the rows have
+    none); exact_match and math_verify as the reward need one on every row."""
     needs = cfg.reward_function in RULES
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs)
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs, chat=chat)
     references = [row["reference"] for row in rows]
     where = f"data: {cfg.data.path}"
     if cfg.reward_function and (problem := worked_solutions_problem(cfg.reward_function, references, where)):
@@ -213,7 +213,7 @@ def run(cfg: PPOConfig) -> dict | None:
     # A2: pad may equal EOS (Llama 3, SmolLM, Qwen base models): every mask here is built from positions (left
     # padding from prompt lengths, the response up to its first stop token), never from `ids != pad`
     policy_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
-    prompts, references = load_prompts(cfg)
+    prompts, references = load_prompts(cfg, chat=bool(tokenizer.chat_template))
     if any(isinstance(p, list) for p in prompts) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
     prompt_ids = encode_prompts(tokenizer, prompts)
