@@ -130,7 +130,7 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
     from pipeline.formats import load_prompt_rows
 
     gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}])
-    assert load_prompt_rows(DataConfig(path=str(gsm8k)), want_reference=True) == [
+    assert load_prompt_rows(DataConfig(path=str(gsm8k)), rewards=["math_verify"]) == [
         {"prompt": "Tom has 3 apples...", "reference": "3 + 4 = 7\n#### 7"}]  # fmt: skip
     math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "level": "1"}])
     assert load_prompt_rows(DataConfig(path=str(math))) == [{"prompt": "1+1?", "reference": "\\boxed{2}"}]
@@ -143,7 +143,7 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
         {"prompt": [{"role": "user", "content": "hi"}], "reference": "hello"}]  # fmt: skip
     rlvr = [{"messages": [{"role": "user", "content": "2+2?"}], "ground_truth": "4", "dataset": "gsm8k"}]
     rlvr = write_jsonl(tmp_path / "rlvr.jsonl", rlvr)  # open-instruct's RLVR layout: the user turn alone
-    assert load_prompt_rows(DataConfig(path=str(rlvr)), want_reference=True) == [
+    assert load_prompt_rows(DataConfig(path=str(rlvr)), rewards=["exact_match"]) == [
         {"prompt": [{"role": "user", "content": "2+2?"}], "reference": "4"}]  # fmt: skip
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "output": "hi"}])
     mapped = DataConfig(path=str(alpaca), columns={"prompt": "instruction", "answer": "output"})

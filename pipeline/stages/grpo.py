@@ -33,7 +33,7 @@ from pipeline.distributed import launch_facts, world_size
 from pipeline.formats import last_text, load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config
-from pipeline.rewards import EXACT_MATCH, load_scorer, reward_entry_problem, reward_kind, worked_solutions_problem
+from pipeline.rewards import EXACT_MATCH, load_scorer, reward_entry_problem, reward_kind
 from pipeline.rl.grpo import dynamic_sampling, epoch_seeded
 from pipeline.tracking import MetricsLog, log
 from pipeline.trainers import (
@@ -231,11 +231,7 @@ def run(cfg: GRPOConfig) -> dict | None:
     started = time.time()
     out = Path(cfg.output_dir)
     model_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
-    needs_reference = any(reward_kind(r) in ("rule", "task") for r in cfg.rewards)
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, needs_reference, chat=bool(tokenizer.chat_template))
-    for reward in cfg.rewards:
-        if problem := worked_solutions_problem(reward, [r["reference"] for r in rows], f"data: {cfg.data.path}"):
-            raise UserError(problem)
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, cfg.rewards, chat=bool(tokenizer.chat_template))
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
     eval_rows = heldout_questions(cfg, [r["prompt"] for r in rows])

@@ -32,7 +32,7 @@ from pipeline.distributed import on_gpu, weights_dtype
 from pipeline.formats import load_prompt_rows
 from pipeline.generation import encode_prompts, rollout
 from pipeline.modeling import load_pretrained, model_and_tokenizer
-from pipeline.rewards import EXACT_MATCH, RULES, as_reply, load_reward_function, worked_solutions_problem
+from pipeline.rewards import EXACT_MATCH, RULES, as_reply, load_reward_function
 from pipeline.tracking import log
 
 STAGE = "pairs"
@@ -124,9 +124,7 @@ def run(cfg: PairsConfig) -> dict | None:
     out = Path(cfg.output_dir)
     judge = load_reward_function(cfg.judge, "judge")
     model_path, tokenizer = model_and_tokenizer(cfg.model, cfg.tokenizer, cfg.trust_remote_code, True, "model")
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, cfg.judge in RULES, chat=bool(tokenizer.chat_template))
-    if problem := worked_solutions_problem(cfg.judge, [r["reference"] for r in rows], f"data: {cfg.data.path}"):
-        raise UserError(problem)
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, [cfg.judge], chat=bool(tokenizer.chat_template))
     rows = rows[: cfg.max_prompts]
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.model} has no chat template, but {cfg.data.path} holds conversations")

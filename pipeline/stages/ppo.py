@@ -40,7 +40,7 @@ from pipeline.modeling import (
     save_model,
     whole_weights,
 )
-from pipeline.rewards import RULES, load_reward_function, reward_scorer, worked_solutions_problem
+from pipeline.rewards import load_reward_function, reward_scorer
 from pipeline.rl.core import KLController, groups_with_signal, pick_groups
 from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_critic, with_value_head
 from pipeline.rl.ppo import (
@@ -140,12 +140,9 @@ def load_prompts(cfg: PPOConfig, chat: bool) -> tuple[list, list]:
     `question` or `problem`, asked as a user turn to a chat model), each distinct prompt once, in file order (a
     preference file repeats a prompt for every pair), and each one's reference answer (None where the rows have
     none); exact_match and math_verify as the reward need one on every row."""
-    needs = cfg.reward_function in RULES
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, want_reference=needs, chat=chat)
+    rewards = [cfg.reward_function] if cfg.reward_function else []
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, rewards, chat=chat)
     references = [row["reference"] for row in rows]
-    where = f"data: {cfg.data.path}"
-    if cfg.reward_function and (problem := worked_solutions_problem(cfg.reward_function, references, where)):
-        raise UserError(problem)
     return [row["prompt"] for row in rows], references
 
 
