@@ -185,12 +185,12 @@ def load_prompt_rows(
     with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
     `rewards` (the reward entries or judge that will score answers to these prompts): a rule or task among them
     makes a missing reference an error naming the columns present, and references it cannot score (worked
-    solutions under exact_match) an error saying what to use. With `chat` (the model
-    has a chat template) a `question` or `problem` is asked as one user turn, as a chat model is asked: those
-    columns hold the bare problem, where a `prompt` string is the text the model continues, as trl reads it."""
-    from pipeline.rewards import reward_kind, worked_solutions_problem
+    solutions under exact_match) an error saying what to use. With `chat` (the model has a chat template) a
+    `question` or `problem` is asked as one user turn, as a chat model is asked: those columns hold the bare
+    problem, where a `prompt` string is the text the model continues, as trl reads it."""
+    from pipeline.rewards import needs_reference, worked_solutions_problem
 
-    want_reference = any(reward_kind(r) in ("rule", "task") for r in rewards)
+    want_reference = any(needs_reference(r) for r in rewards)
     ds = load_examples(cfg, required=[])
     columns = ds.column_names
     asked = next((c for c in PROMPT_COLUMNS if c in columns), None)
@@ -223,8 +223,9 @@ def load_prompt_rows(
             raise UserError(f"data: {cfg.path}: row {index} has no reference answer"
                             + (f" in column {key!r}" if key else ""))  # fmt: skip
         rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
+    found = [r["reference"] for r in rows.values()]
     for reward in rewards:
-        if problem := worked_solutions_problem(reward, [r["reference"] for r in rows.values()], f"data: {cfg.path}"):
+        if problem := worked_solutions_problem(reward, found, f"data: {cfg.path}"):
             raise UserError(problem)
     return list(rows.values())
 

@@ -47,7 +47,7 @@ def worked_solutions_problem(reward: str, references: list[str | None], where: s
     """Why exact_match or a task reward cannot score these references: most are worked solutions (GSM8K's
     "#### 72", MATH's \\boxed{}), which no filtered answer equals as a whole. None when fine."""
     marked = sum(bool(r) and ("\n#### " in r or "\\boxed{" in r) for r in references)
-    if reward_kind(reward) not in ("rule", "task") or reward == MATH_VERIFY or marked * 2 <= len(references):
+    if not needs_reference(reward) or reward == MATH_VERIFY or marked * 2 <= len(references):
         return None
     return (
         f'{where}: {marked} of {len(references)} reference answers are worked solutions ("#### <answer>" or '
@@ -197,6 +197,11 @@ def reward_kind(spec: str) -> str:
     if spec.endswith((".yaml", ".yml")):
         return "task"
     return "function" if FUNCTION_PATH.match(spec) else "model"
+
+
+def needs_reference(spec: str) -> bool:
+    """Whether a reward entry scores each answer against its prompt's reference: a rule or a task's metric."""
+    return reward_kind(spec) in ("rule", "task")
 
 
 def reward_entry_problem(spec: str, key: str) -> str | None:

@@ -142,8 +142,7 @@ def load_prompts(cfg: PPOConfig, chat: bool) -> tuple[list, list]:
     none); exact_match and math_verify as the reward need one on every row."""
     rewards = [cfg.reward_function] if cfg.reward_function else []
     rows = load_prompt_rows(cfg.data, cfg.reference_key, rewards, chat=chat)
-    references = [row["reference"] for row in rows]
-    return [row["prompt"] for row in rows], references
+    return [row["prompt"] for row in rows], [row["reference"] for row in rows]
 
 
 # --- models: policy, reference, critic (its kind decided once) ----------------------------------------------------
