@@ -320,8 +320,11 @@ def choices_for(rng: random.Random, kind: str, answer: str, key: tuple[int, ...]
 # --- the pretraining corpus -------------------------------------------------------------------------------
 
 
-def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], Counter[tuple[str, str]]]:
-    """Documents until ``corpus_mb`` MB; returns them with a count of how often each (name, attr) is stated."""
+def build_corpus(
+    world: World, seed: int, corpus_mb: float, asked: set[str]
+) -> tuple[list[str], Counter[tuple[str, str]]]:
+    """Documents until ``corpus_mb`` MB; returns them with a count of how often each (name, attr) is stated.
+    ``asked``: the fact questions eval and preference_eval ask; Q/A lines state those facts in other phrasings."""
     rng = random.Random(f"{seed}-corpus")
     people, train = world.people, world.pools["train"]
     by_value = {(a, v): [p for p in people if getattr(p, a) == v] for a, vs in ATTRS.items() for v in vs}
@@ -358,13 +361,15 @@ def build_corpus(world: World, seed: int, corpus_mb: float) -> tuple[list[str], 
 
     def qa() -> str:
         # Question/Answer lines (about everyone, the corpus is the world's encyclopedia) show the base model
-        # the Q/A pattern; arithmetic ones come from the train pool only.
+        # the Q/A pattern, never in a phrasing an eval file asks (decontaminated: a held-out question must be
+        # answered from what the model knows, not recalled as a line); arithmetic ones from the train pool only.
         lines = []
         for _ in range(rng.randint(2, 4)):
             if rng.random() < 0.7:
                 p, attr = rng.choice(people), rng.choice(list(ATTRS))
                 mentions[(p.name, attr)] += 1
-                q, a = rng.choice(QUESTION_TEMPLATES[attr]).format(n=p.name), getattr(p, attr)
+                phrasings = [q for t in QUESTION_TEMPLATES[attr] if (q := t.format(n=p.name)) not in asked]
+                q, a = rng.choice(phrasings), getattr(p, attr)
             else:
                 kind = rng.choice(ARITH_KINDS)
                 key = rng.choice(train[kind])
@@ -604,7 +609,9 @@ A fictional valley of {len(world.people)} people ({n_sft} sft, {n_pref} preferen
 home town ({len(TOWNS)} towns), favourite colour ({len(COLOURS)}), pet ({len(PETS)}) and job ({len(JOBS)}):
 {len(mentions)} facts, each stated {sum(mentions.values()) / len(mentions):.0f} times on average
 (at least {min(mentions.values())}) in the corpus, in several phrasings: statements, group lists, and
-Question:/Answer: lines about everyone so the base model sees the Q/A pattern. The facts live ONLY in the
+Question:/Answer: lines about everyone so the base model sees the Q/A pattern (never in a phrasing that eval or
+preference_eval asks: those sets are decontaminated, so they measure recall, not a memorised line). The facts live
+ONLY in the
 corpus. SFT asks about the sft people, the preference data (the reward model's pairs, the RL prompts) about
 the preference people, and eval about the held-out people, so answering it needs the knowledge from pretraining
 plus the answer format from SFT. The sft model was never asked about the preference people either: its answers
@@ -638,8 +645,10 @@ appear in no other file. Answers are one word or one number.
 def generate(out: Path, seed: int = 0, corpus_mb: float = 3.5) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     world = build_world(seed)
-    docs, mentions = build_corpus(world, seed, corpus_mb)
-    files = {"corpus": [{"text": d} for d in docs], **build_chat_data(world, seed)}
+    chat = build_chat_data(world, seed)
+    asked = {r["question"] for r in chat["eval"]} | {r["prompt"][0]["content"] for r in chat["preference_eval"]}
+    docs, mentions = build_corpus(world, seed, corpus_mb, asked)
+    files = {"corpus": [{"text": d} for d in docs], **chat}
     sizes = {}
     for name, rows in files.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
