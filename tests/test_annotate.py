@@ -37,6 +37,14 @@ def make_pairs(path: Path, n: int, seed: int = 0, skip: int = 0) -> tuple[Path, 
     return write_jsonl(path, rows), chosen_of
 
 
+def exited(child) -> None:
+    """After EOF, wait for the process to exit before closing. EOF only means the terminal closed: a process still
+    finishing (Python's shutdown, which restores SIGINT's default) would otherwise be killed by close()'s force
+    (SIGHUP, SIGINT), and read as killed by a signal rather than its own exit code (a CI flake, 1 in ~250)."""
+    child.wait()
+    child.close()
+
+
 class Terminal:
     """One `llmpipe annotate` process on a pseudo-terminal; `screen()` waits for the next full screen."""
 
@@ -63,7 +71,7 @@ class Terminal:
     def quit(self) -> str:
         self.child.send("q")
         self.child.expect(pexpect.EOF)
-        self.child.close()
+        exited(self.child)
         assert self.child.exitstatus == 0, self.text()
         return self.text()
 
@@ -319,7 +327,7 @@ def test_one_ctrl_c_quits_even_when_started_with_sigint_ignored(tmp_path):
     assert "pair 2 of 2" in term.press("1")  # one label on disk before the interrupt
     term.child.kill(signal.SIGINT)
     term.child.expect(pexpect.EOF, timeout=10)
-    term.child.close()
+    exited(term.child)
     assert term.child.exitstatus == 130 and "interrupted" in term.text()
     assert len(read_log(log).records) == 1
 
@@ -355,7 +363,7 @@ def test_fifty_single_ctrl_cs_at_random_moments_each_exit_130_with_the_log_intac
         term.child.kill(signal.SIGINT)
         pressed = time.monotonic()
         term.child.expect(pexpect.EOF, timeout=10)
-        term.child.close()
+        exited(term.child)
         waited = time.monotonic() - pressed
         status = (session, moment, term.child.exitstatus, term.child.signalstatus, waited, term.text()[-800:])
         assert term.child.exitstatus == 130 and waited < 2, status
@@ -383,7 +391,7 @@ def test_side_by_side_when_wide_stacked_when_narrow_guidelines_rationale_ctrl_c(
     # one Ctrl-C: the terminal is given back, nothing half-written (50 random ones: the test above)
     wide.child.kill(signal.SIGINT)
     wide.child.expect(pexpect.EOF, timeout=10)
-    wide.child.close()
+    exited(wide.child)
     assert wide.child.exitstatus == 130 and "interrupted" in wide.text()
     narrow = Terminal(pairs, log, "alice", width=70)
     screen = narrow.screen()
