@@ -610,12 +610,11 @@ home town ({len(TOWNS)} towns), favourite colour ({len(COLOURS)}), pet ({len(PET
 {len(mentions)} facts, each stated {sum(mentions.values()) / len(mentions):.0f} times on average
 (at least {min(mentions.values())}) in the corpus, in several phrasings: statements, group lists, and
 Question:/Answer: lines about everyone so the base model sees the Q/A pattern (never in a phrasing that eval or
-preference_eval asks: those sets are decontaminated, so they measure recall, not a memorised line). The facts live
-ONLY in the
-corpus. SFT asks about the sft people, the preference data (the reward model's pairs, the RL prompts) about
-the preference people, and eval about the held-out people, so answering it needs the knowledge from pretraining
-plus the answer format from SFT. The sft model was never asked about the preference people either: its answers
-about them are often wrong, which is what alignment learns from.
+preference_eval asks: those sets are decontaminated, so they measure recall, not a memorised line). The facts
+live ONLY in the corpus. SFT asks about the sft people, the preference data (the reward model's pairs, the RL
+prompts) about the preference people, and eval about the held-out people, so answering it needs the knowledge
+from pretraining plus the answer format from SFT. The sft model was never asked about the preference people
+either: its answers about them are often wrong, which is what alignment learns from.
 
 A minority of the corpus is small arithmetic: a + b and (a + b) - b for a, b in 0-20, which of two numbers
 below 100 is larger, successor and predecessor. The eval and preference_eval arithmetic items are reserved and
