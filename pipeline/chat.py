@@ -61,3 +61,14 @@ def assistant_token_mask(tokenizer, messages: list[dict]) -> dict[str, list[int]
     mask = [int(any(s < span_end and e > span_start for span_start, span_end in spans))
             for s, e in encoded["offset_mapping"]]  # fmt: skip
     return {"input_ids": encoded["input_ids"], "assistant_masks": mask}
+
+
+def reply_ids(tokenizer, prompt: str | list[dict], reply: str) -> list[int]:
+    """The token ids a model emits for `reply` to `prompt`: under the chat template, the assistant turn as the
+    template writes it after the generation prompt, through its end-of-turn token; for a plain-text prompt, the
+    reply and EOS."""
+    if not isinstance(prompt, list):
+        return tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    full, spans = assistant_spans(tokenizer, prompt + [{"role": "assistant", "content": reply}])
+    start, end = spans[-1]
+    return tokenizer(full[start:end], add_special_tokens=False)["input_ids"]

@@ -25,11 +25,11 @@ def prompts(tmp_path_factory) -> Path:
 
 
 def grpo_args(out: Path, policy: Path, data: Path, *extra: str) -> list[str]:
-    """8 prompts x 4 answers of 4 tokens a step (none drawn beyond), the letter-e rule as the reward."""
+    """8 prompts x 4 answers of 4 tokens a step (none drawn beyond, no guidance), the letter-e rule as the reward."""
     return [
         "grpo", "--config", GRPO_YAML, f"output_dir={out}", f"init_from={policy}", f"data.path={data}",
         "eval_data=null", "rewards=[ppo_rewards:contains_letter_e]", "num_generations=4", "max_new_tokens=4",
-        "train.micro_batch_size=32", "train.lr=1e-2", "train.save_steps=100", "oversample=1", *extra,
+        "train.micro_batch_size=32", "train.lr=1e-2", "train.save_steps=100", "oversample=1", "guide=false", *extra,
     ]  # fmt: skip
 
 
@@ -136,13 +136,17 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
         (["rewards=[exact_matc]"], "'exact_matc' is not exact_match, math_verify, a task YAML"),  # not a hub call
         (["rewards=[POLICY]"], "holds a LlamaForCausalLM, not a reward model"),  # no random score head
         (["data.path=GSM8K", "rewards=[exact_match]"], "8 of 8 reference answers are worked solutions"),
+        (["data.path=NOREF", "guide=true"], "noref.jsonl have no reference answer to guide with"),
+        (["guide=true", "train.micro_batch_size=6"], "guide completes whole groups on each process"),
     ],
 )
 def test_bad_input_is_refused_before_training(tmp_path, tiny_policy, prompts, rule_reward_path, extra, message):
     out = tmp_path / "bad"
     gsm8k = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(8)]
     gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k)  # exact_match would never match its references
-    extra = [e.replace("POLICY", str(tiny_policy)).replace("GSM8K", str(gsm8k)) for e in extra]
+    noref = write_jsonl(tmp_path / "noref.jsonl", [{"prompt": f"Say {i}."} for i in range(8)])
+    extra = [e.replace("POLICY", str(tiny_policy)).replace("GSM8K", str(gsm8k)).replace("NOREF", str(noref))
+             for e in extra]  # fmt: skip
     result = run_cli(*grpo_args(out, tiny_policy, prompts, *extra))
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not (out / "manifest.json").exists() and not (out / "model").exists()
@@ -259,3 +263,21 @@ def test_dynamic_sampling_trains_on_the_groups_with_signal(tmp_path, tiny_policy
     second = run_cli(*grpo_args(resumed, tiny_policy, prompts, *extra, "train.max_steps=5"))
     assert second.returncode == 0, second.stderr[-3000:]
     assert [r["completion"] for r in completions(resumed)] == [r["completion"] for r in seen]
+
+
+def test_guidance_teaches_an_answer_the_policy_never_samples(tmp_path, tiny_policy, prompts, rule_reward_path):
+    """Every prompt's reference is the answer "e" (the letter and the end-of-turn token), which the random policy
+    never samples: under exact match every reward is 0 and no group has signal. With guide, the reference stands in
+    for the last answer of each group that misses it: the policy learns to say it, and needs guidance less."""
+    out = tmp_path / "guided"
+    result = run_cli(
+        *grpo_args(out, tiny_policy, prompts, "rewards=[exact_match]", "guide=true", "train.max_steps=40")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [r for r in history(out) if "guided_share" in r]
+    assert rows[0]["guided_share"] == 1.0 and rows[0]["reward"] == pytest.approx(1 / 4), rows[0]
+    assert rows[-1]["guided_share"] < 0.5 and rows[-1]["reward"] > 0.5, rows[-1]
+    first = completions(out)[:32]
+    assert [r["completion"] == "e" for r in first] == [i % 4 == 3 for i in range(32)], "the last of each group"
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert 0 < metrics["guided_share_mean"] < 1

@@ -1,11 +1,13 @@
-"""Two extensions of trl's GRPOTrainer, each a subclass factory the grpo stage stacks on trl's class:
-`epoch_seeded` (a resumed run draws the prompts of an unbroken one in every epoch) and `dynamic_sampling` (DAPO's
-filter of groups whose rewards are all equal)."""
+"""Three extensions of trl's GRPOTrainer, each a subclass factory the grpo stage stacks on trl's class:
+`epoch_seeded` (a resumed run draws the prompts of an unbroken one in every epoch), `dynamic_sampling` (DAPO's
+filter of groups whose rewards are all equal) and `reference_guidance` (the reference answer stands in for one
+sample of a group that never reaches it)."""
 
 from __future__ import annotations
 
 import torch
 
+from pipeline.formats import last_text
 from pipeline.rl.core import groups_with_signal, pick_groups
 
 EPOCH_STRIDE = 1_000_003  # epoch e shuffles with seed + e * EPOCH_STRIDE: epoch 0 keeps trl's order
@@ -74,3 +76,41 @@ def dynamic_sampling(trainer_class, oversample: int):
             return out
 
     return DynamicSampling
+
+
+def reference_guidance(trainer_class, score, answer_ids):
+    """trl's trainer with off-policy guidance from the reference answers (LUFFY, Yan et al. 2025): when no sampled
+    answer of a group scores as high as the prompt's reference answer does, the reference replaces the group's last
+    sample, so the group has signal and the policy is pushed towards an answer it never samples. On-policy GRPO
+    cannot learn what the policy does not sample (Yue et al. 2025); these are the groups where it stays stuck.
+    `score(prompts, texts, references)` is the weighted reward; `answer_ids(prompt, reference)` the token ids the
+    policy would emit for the reference, end-of-turn included. Logs guided_share (of the groups drawn). Needs
+    whole groups on each process (the stage checks)."""
+
+    class ReferenceGuidance(trainer_class):
+        def _generate_and_score_completions(self, inputs):
+            self._references = [row["reference"] for row in inputs]
+            return super()._generate_and_score_completions(inputs)
+
+        def _generate(self, prompts):
+            out = super()._generate(prompts)
+            if not self.model.training:
+                return out
+            completion_ids, completions, n = out[1], out[3], self.num_generations
+            references = self._references
+            sampled = score(prompts, [last_text(c) for c in completions], references)
+            best = score(prompts[::n], references[::n], references[::n])
+            guided = 0
+            for group, reachable in enumerate(best):
+                if max(sampled[group * n : (group + 1) * n]) < reachable:
+                    i, guided = group * n + n - 1, guided + 1
+                    completion_ids[i] = answer_ids(prompts[i], references[i])[: self.max_completion_length]
+                    text = references[i]
+                    chat = isinstance(completions[i], list)
+                    completions[i] = [{"role": "assistant", "content": text}] if chat else text
+            counts = torch.tensor([float(guided), float(len(best))], device=self.accelerator.device)
+            guided, groups = self.accelerator.gather(counts).view(-1, 2).sum(0).tolist()
+            self._metrics["train"]["guided_share"].append(guided / groups)
+            return out
+
+    return ReferenceGuidance

@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from pipeline.artifacts import begin_stage, describe_input, write_manifest
+from pipeline.chat import reply_ids
 from pipeline.config import DataConfig, UserError, config, field
 from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, world_size
@@ -34,7 +36,7 @@ from pipeline.formats import last_text, load_prompt_rows, load_reference_answers
 from pipeline.generation import heldout_metrics, stop_tokens
 from pipeline.modeling import LoraSection, load_pretrained, model_and_tokenizer, peft_config
 from pipeline.rewards import EXACT_MATCH, load_scorer, reward_entry_problem, reward_kind
-from pipeline.rl.grpo import dynamic_sampling, epoch_seeded
+from pipeline.rl.grpo import dynamic_sampling, epoch_seeded, reference_guidance
 from pipeline.tracking import MetricsLog, log
 from pipeline.trainers import (
     TrlTrainConfig,
@@ -83,6 +85,10 @@ class GRPOConfig:
         1, "DAPO's dynamic sampling: draw this many times the step's prompts and train on the groups whose "
         "rewards differ, filled up with the others only where too few do; 1: off.", ge=1,
     )  # fmt: skip
+    guide: bool = field(
+        False, "Off-policy guidance (LUFFY): when no answer of a group scores as high as the prompt's reference "
+        "answer, the reference replaces one of them, so RL can learn answers the policy never samples.",
+    )  # fmt: skip
     max_new_tokens: int = field(64, "Longest sampled answer; a longer one is cut (see mask_truncated).", ge=1)
     temperature: float = field(1.0, "Sampling temperature.", gt=0)
     top_p: float = field(1.0, "Nucleus sampling mass (1: off).", gt=0, le=1)
@@ -118,8 +124,9 @@ class GRPOConfig:
         if self.eval_task is not None and self.eval_data is not None:
             problems.append("set eval_data or eval_task, not both")
         per_process = self.train.micro_batch_size * self.train.gradient_accumulation_steps
-        if self.oversample > 1 and per_process % self.num_generations:
-            problems.append(f"oversample {self.oversample} keeps or drops whole groups on each process: "
+        if (self.oversample > 1 or self.guide) and per_process % self.num_generations:
+            what = f"oversample {self.oversample} keeps or drops" if self.oversample > 1 else "guide completes"
+            problems.append(f"{what} whole groups on each process: "
                             f"train.micro_batch_size x gradient_accumulation_steps ({per_process}) must be a "
                             f"multiple of num_generations ({self.num_generations})")  # fmt: skip
         return problems
@@ -234,6 +241,9 @@ def run(cfg: GRPOConfig) -> dict | None:
     rows = load_prompt_rows(cfg.data, cfg.reference_key, cfg.rewards, chat=bool(tokenizer.chat_template))
     if any(isinstance(r["prompt"], list) for r in rows) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
+    if cfg.guide and (missing := sum(r["reference"] is None for r in rows)):
+        raise UserError(f"guide: {missing} prompt(s) of {cfg.data.path} have no reference answer to guide with; "
+                        "give each a reference (reference_key) or set guide=false")  # fmt: skip
     eval_rows = heldout_questions(cfg, [r["prompt"] for r in rows])
     world, train = world_size(), cfg.train
     answers = train.micro_batch_size * world * train.gradient_accumulation_steps
@@ -279,6 +289,9 @@ def run(cfg: GRPOConfig) -> dict | None:
         completions_log = MetricsLog(out / "completions.jsonl", None, resume_step)
     names = [name for name, _ in named]
     trainer_class = epoch_seeded(recording(GRPOTrainer, completions_log, names))
+    if cfg.guide:
+        score = weighted_scorer([scorer for _, scorer in named], weights)
+        trainer_class = reference_guidance(trainer_class, score, partial(reply_ids, tokenizer))
     if cfg.oversample > 1:
         trainer_class = dynamic_sampling(trainer_class, cfg.oversample)
     trainer = trainer_class(
@@ -323,6 +336,7 @@ def run(cfg: GRPOConfig) -> dict | None:
             "zero_signal_share_mean": _mean(history, "frac_reward_zero_std"),
             "zero_signal_share_end": _mean(history[-window:], "frac_reward_zero_std"),
             "trained_signal_share_mean": _mean(history, "trained_signal_share"),
+            "guided_share_mean": _mean(history, "guided_share"),
             "truncated_share_mean": _mean(history, "completions/clipped_ratio"),
             "completion_length_end": _mean(history[-window:], "completions/mean_length"),
             "entropy_end": _mean(history[-window:], "entropy"), "kl_end": _mean(history[-window:], "kl"),
