@@ -680,9 +680,11 @@ def test_several_samples_per_prompt_with_the_leave_one_out_baseline(
     doubled = tmp_path / "doubled.jsonl"
     doubled.write_text(prompts.read_text() * 2)
     out = tmp_path / "loo"
+    # kl.max=100: unwhitened at lr 1e-2 the toy's KL passes the 10-nat guardrail on some CPUs (seen in CI)
     extra = ["rollout.samples_per_prompt=4", "train.score_baseline=loo", "train.steps=20", "checkpoint_every=20",
              f"value_model={value_model}", f"train.whiten_advantages={str(whiten).lower()}",
-             f"kl.placement={kl_placement}", f"kl.estimator={'k3' if kl_placement == 'loss' else 'k1'}"]  # fmt: skip
+             f"kl.placement={kl_placement}", f"kl.estimator={'k3' if kl_placement == 'loss' else 'k1'}",
+             "kl.max=100"]  # fmt: skip
     result = run_cli(*ppo_args(out, tiny_policy, doubled, *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = history(out)
