@@ -288,10 +288,10 @@ def run(cfg: GRPOConfig) -> dict | None:
         resume_step = int(resume_from.rsplit("-", 1)[-1]) if resume_from else None
         completions_log = MetricsLog(out / "completions.jsonl", None, resume_step)
     names = [name for name, _ in named]
+    reward = weighted_scorer([scorer for _, scorer in named], weights)  # guidance's and the held-out reward
     trainer_class = epoch_seeded(recording(GRPOTrainer, completions_log, names))
     if cfg.guide:
-        score = weighted_scorer([scorer for _, scorer in named], weights)
-        trainer_class = reference_guidance(trainer_class, score, partial(reply_ids, tokenizer))
+        trainer_class = reference_guidance(trainer_class, reward, partial(reply_ids, tokenizer))
     if cfg.oversample > 1:
         trainer_class = dynamic_sampling(trainer_class, cfg.oversample)
     trainer = trainer_class(
@@ -299,7 +299,7 @@ def run(cfg: GRPOConfig) -> dict | None:
         train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config(cfg.lora),
     )  # fmt: skip
     accelerator = trainer.accelerator
-    scorers = {"reward": weighted_scorer([scorer for _, scorer in named], weights)}
+    scorers = {"reward": reward}
     if cfg.eval_task is not None:
         from pipeline.rewards import task_scorer
 
