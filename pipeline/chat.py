@@ -72,3 +72,22 @@ def reply_ids(tokenizer, prompt: str | list[dict], reply: str) -> list[int]:
     full, spans = assistant_spans(tokenizer, prompt + [{"role": "assistant", "content": reply}])
     start, end = spans[-1]
     return tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
+
+
+def reply_prefix(tokenizer) -> str:
+    """The whitespace the chat template writes between its generation prompt and a reply: "" for most templates
+    (ChatML, Llama 3: the prompt ends in a newline), " " where a space separates the header from the answer (Llama
+    2's `[/INST] answer`, llmpipe's tokenizer). Byte-level BPE joins that space to the answer's first word, so a
+    continuation scored after a generation prompt (a multiple-choice option) must start with it to be tokenized
+    as the model writes it. Anything but whitespace (a template that writes an empty think block) is not the
+    reply's: then ""."""
+    marker = "\x00reply\x00"
+    user = [{"role": "user", "content": "?"}]
+    try:
+        prompt = _render(tokenizer, user, generation_prompt=True)
+        full = _render(tokenizer, user + [{"role": "assistant", "content": marker}])
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation has no prefix to tell
+        return ""
+    at = full.find(marker, len(prompt))
+    between = full[len(prompt) : at] if full.startswith(prompt) and at >= 0 else ""
+    return between if not between.strip() else ""

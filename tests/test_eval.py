@@ -373,6 +373,27 @@ def test_chat_models_are_asked_in_the_tasks_chat_form(trained_tokenizer):
     assert "Question: Name Zobas1's job.\nAnswer:" in build_prompt(lmeval_like, docs[1], [], tokenizer)
 
 
+def test_chat_continuations_start_as_the_template_writes_a_reply(trained_tokenizer):
+    """A multiple-choice option scored after a generation prompt starts with what the chat template writes before a
+    reply: llmpipe's and Llama 2's space (byte-level BPE joins it to the answer's first word), nothing after
+    ChatML's newline, and never a template's non-whitespace (an empty think block)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.chat import reply_prefix
+
+    tokenizer = AutoTokenizer.from_pretrained(trained_tokenizer / "tokenizer")
+    assert reply_prefix(tokenizer) == " "
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # fmt: skip
+    llama2 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+              "{% else %}{{ ' ' + m['content'] + ' </s>' }}{% endif %}{% endfor %}")  # fmt: skip
+    think = chatml.replace("'\\n' + m['content']", "'\\n' + ('<think></think>' if m['role'] == 'assistant' else '') "
+                           "+ m['content']")  # fmt: skip
+    for template, prefix in ((chatml, ""), (llama2, " "), (think, "")):
+        tokenizer.chat_template = template
+        assert reply_prefix(tokenizer) == prefix, template
+
+
 # --- distributed ------------------------------------------------------------------------------------------------
 
 

@@ -79,7 +79,8 @@ def test_loss_mask_trains_exactly_the_answers(tmp_path, base_model):
         {"role": "assistant", "content": "a heron"},
     ]
     cases = {
-        "messages": ([{"messages": conversation}], ["Dunhallow<|end|>", "a heron<|end|>"]),
+        # the template's space before a reply is the reply's: the answer's first word is the token running text has
+        "messages": ([{"messages": conversation}], [" Dunhallow<|end|>", " a heron<|end|>"]),
         "prompt-completion": ([{"prompt": "2 + 3 =", "completion": " 5"}], [" 5<|eos|>"]),
     }
     for fmt, (rows, expected) in cases.items():
@@ -188,7 +189,7 @@ def test_a_mixture_replays_plain_text_on_every_token(tmp_path, base_model):
                          replay).train_dataset  # fmt: skip
     trained = [trained_text(tokenizer, row["input_ids"], row["labels"]) for row in rows]
     answer = GOOD["messages"][-1]["content"]
-    assert trained[:8] == [[f"{answer}<|end|>"]] * 8, trained[0]
+    assert trained[:8] == [[f" {answer}<|end|>"]] * 8, trained[0]
     assert sorted(t[0] for t in trained[8:]) == sorted(f"{line}<|eos|>" for line in replay["text"]), trained[8:]
     out = tmp_path / "sft"
     result = run_cli(*sft_args(out, base_model, *mixed, "data.max_examples=null", "train.max_steps=4",

@@ -60,19 +60,23 @@ def test_chat_template_renders_turns_and_masks_exactly_the_assistant_text(traine
     ]
     text = tok.apply_chat_template(chat, tokenize=False)
     assert text == (
-        "<|bos|><|system|>\nAnswer briefly.<|end|>\n<|user|>\nWhere does Bramo live?<|end|>\n"
-        "<|assistant|>\nTillford<|end|>\n<|user|>\nAnd 12 + 7?<|end|>\n<|assistant|>\n19<|end|>\n"
+        "<|bos|><|system|> Answer briefly.<|end|>\n<|user|> Where does Bramo live?<|end|>\n"
+        "<|assistant|> Tillford<|end|>\n<|user|> And 12 + 7?<|end|>\n<|assistant|> 19<|end|>\n"
     )
     prompt = tok.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
-    assert prompt.endswith("<|user|>\nWhere does Bramo live?<|end|>\n<|assistant|>\n")
+    assert prompt.endswith("<|user|> Where does Bramo live?<|end|>\n<|assistant|>")
+    # a decoded reply (" Tillford", the space the model wrote) fed back renders the same turn
+    again = [*chat[:2], {"role": "assistant", "content": " Tillford "}]
+    assert tok.apply_chat_template(again, tokenize=False) == tok.apply_chat_template(chat[:3], tokenize=False)
     encoded = tok.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
     assert encoded["input_ids"].count(tok.bos_token_id) == 1
     trained = [i for i, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m]
     end = tok.convert_tokens_to_ids("<|end|>")
+    # the reply's words are the tokens running text has (" Tillford"), not those of a word at a line start
     assert trained == [
-        *tok.encode("Tillford", add_special_tokens=False),
+        *tok.encode(" Tillford", add_special_tokens=False),
         end,
-        *tok.encode("19", add_special_tokens=False),
+        *tok.encode(" 19", add_special_tokens=False),
         end,
     ]
 

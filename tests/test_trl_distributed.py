@@ -63,7 +63,9 @@ def check_same_training(two: Path, one: Path, base: Path, tolerance: float) -> N
     first, second = m2["param_checksum_by_rank"]
     assert first == second, "ranks ended with different weights: gradients were not averaged"
     assert m2["steps"] == m1["steps"] == STEPS
-    assert abs(m2["train_loss"] - m1["train_loss"]) < 2e-3 * max(1.0, abs(m1["train_loss"])), (m2, m1)
+    # the same flips move the mean loss a little too: reward's two runs 0.5803 / 0.5843 over 6 steps (identical to
+    # 4 digits at the first log; a rank on the wrong data or unaveraged gradients is off by far more)
+    assert abs(m2["train_loss"] - m1["train_loss"]) < 1e-2 * max(1.0, abs(m1["train_loss"])), (m2, m1)
     w2, w1, w0 = weights(two), weights(one), weights(base)
     assert w2.keys() == w1.keys()
     shared = [k for k in w1 if k in w0]

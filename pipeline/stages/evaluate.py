@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from pipeline.artifacts import atomic_write_text, begin_stage, describe_input, write_manifest
+from pipeline.chat import reply_prefix
 from pipeline.config import UserError, config, field
 from pipeline.distributed import is_main_process, weights_dtype
 from pipeline.evaluation.task_rewards import answer_matches, filter_answer
@@ -89,12 +90,13 @@ def prepare_task(cfg: EvalConfig, spec: TaskSpec, tokenizer) -> dict:
         docs = docs[: cfg.limit]
     shots = sample_shots(docs, pool, shots_n, seed, same_split, spec.fewshot_sampler)
     prompts = [build_prompt(spec, doc, s, tokenizer if cfg.chat else None) for doc, s in zip(docs, shots, strict=True)]
-    return {"docs": docs, "prompts": prompts, "num_fewshot": shots_n, "seed": seed}
+    # what separates an answer from its prompt: the task's target_delimiter, or what the chat template writes after
+    # its generation prompt ("" after ChatML's newline, " " after llmpipe's or Llama 2's header)
+    delimiter = reply_prefix(tokenizer) if cfg.chat else spec.target_delimiter
+    return {"docs": docs, "prompts": prompts, "num_fewshot": shots_n, "seed": seed, "delimiter": delimiter}
 
 
-def continuations(spec: TaskSpec, doc: dict, chat: bool) -> list[str]:
-    # A chat template ends the prompt with the assistant's header: the answer follows it without a delimiter.
-    delimiter = "" if chat else spec.target_delimiter
+def continuations(spec: TaskSpec, doc: dict, delimiter: str) -> list[str]:
     if spec.output_type == "multiple_choice":
         return [delimiter + choice for choice in doc_choices(spec, doc)]
     return [delimiter + answer_text(spec, doc)]
@@ -103,7 +105,7 @@ def continuations(spec: TaskSpec, doc: dict, chat: bool) -> list[str]:
 # --- scoring: each rank scores its share of documents, rank 0 gathers ---------------------------------------
 
 
-def score_task(spec: TaskSpec, task: dict, scorer, rank: int, world: int, chat: bool) -> list[dict]:
+def score_task(spec: TaskSpec, task: dict, scorer, rank: int, world: int) -> list[dict]:
     """Per-document results for this rank's documents (every world-th, from rank), each with its index."""
     mine = list(range(rank, len(task["docs"]), world))
     docs, prompts = [task["docs"][i] for i in mine], [task["prompts"][i] for i in mine]
@@ -136,7 +138,7 @@ def score_task(spec: TaskSpec, task: dict, scorer, rank: int, world: int, chat: 
         results = scorer.loglikelihoods(scorer.pair_groups(prompts, [[str(doc_target(spec, d))] for d in docs]))
         out = [{"loglikelihood": s[0][0], "acc": float(s[0][1])} for s in results]
     else:
-        conts = [continuations(spec, doc, chat) for doc in docs]
+        conts = [continuations(spec, doc, task["delimiter"]) for doc in docs]
         results = scorer.loglikelihoods(scorer.pair_groups(prompts, conts))
         out = []
         for doc, scores in zip(docs, results, strict=True):
@@ -230,7 +232,7 @@ def run(cfg: EvalConfig) -> dict | None:
         task = prepared[spec.task]
         task_started = time.time()
         try:
-            rows = score_task(spec, task, scorer, accelerator.process_index, accelerator.num_processes, cfg.chat)
+            rows = score_task(spec, task, scorer, accelerator.process_index, accelerator.num_processes)
         except ValueError as exc:
             raise UserError(f"task {spec.task}: {exc}") from None
         bar.update(len(rows) * accelerator.num_processes)
@@ -245,8 +247,8 @@ def run(cfg: EvalConfig) -> dict | None:
             "output_type": spec.output_type, "metrics": aggregate(spec, rows), "n_docs": len(rows),
             "num_fewshot": task["num_fewshot"], "fewshot_seed": task["seed"], "chat": cfg.chat,
             "first_prompt": task["prompts"][0],
-            "first_continuations": continuations(spec, first, cfg.chat) if spec.output_type != "generate_until"
-            and spec.output_type != "loglikelihood_rolling" else None,
+            "first_continuations": continuations(spec, first, task["delimiter"])
+            if spec.output_type not in ("generate_until", "loglikelihood_rolling") else None,
             "task_file": str(path), "wall_time_s": timings[spec.task],
         }  # fmt: skip
         samples[spec.task] = [{**r, "prompt": task["prompts"][r["doc_id"]]} for r in rows]

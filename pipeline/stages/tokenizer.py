@@ -82,29 +82,35 @@ Config = TokenizerConfig
 
 
 def chat_template(cfg: TokenizerConfig) -> str:
-    """A Jinja chat template: `<|role|>\\ncontent<|end|>\\n` per message; assistant text (and its end token) sits
-    inside {% generation %} so `return_assistant_tokens_mask` / trl's assistant_only_loss can find it."""
+    """A Jinja chat template: `<|role|> content<|end|>\\n` per message (content trimmed), the generation prompt
+    `<|assistant|>`; assistant text (and its end token) sits inside {% generation %} so `return_assistant_tokens_mask`
+    / trl's assistant_only_loss can find it.
+
+    The space after the role token belongs to the reply, as in Llama 2's `[/INST] answer`: byte-level BPE joins a
+    space to the word after it, so the reply's first word is the token the corpus has (` potter`), not the pieces of
+    a word at a line start (`p`, `ot`, `ter`), and a fact learnt in pretraining can be said in a chat turn."""
     if cfg.chat.template:
         return cfg.chat.template
     chat = cfg.chat
     q = json.dumps  # Jinja accepts JSON string literals, so tokens with quotes are safe
+    end = q(chat.end_of_turn_token)
     return (
         "{{- bos_token -}}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'assistant' -%}"
-        f"{{{{- {q(chat.assistant_token + chr(10))} -}}}}"
+        f"{{{{- {q(chat.assistant_token)} -}}}}"
         "{%- generation -%}"
-        f"{{{{- message['content'] + {q(chat.end_of_turn_token)} -}}}}"
+        f"{{{{- ' ' + message['content'] | trim + {end} -}}}}"
         "{%- endgeneration -%}"
         "{{- '\\n' -}}"
         "{%- elif message['role'] == 'user' or message['role'] == 'system' -%}"
-        f"{{{{- ({q(chat.user_token)} if message['role'] == 'user' else {q(chat.system_token)}) + '\\n' -}}}}"
-        f"{{{{- message['content'] + {q(chat.end_of_turn_token + chr(10))} -}}}}"
+        f"{{{{- {q(chat.user_token)} if message['role'] == 'user' else {q(chat.system_token)} -}}}}"
+        f"{{{{- ' ' + message['content'] | trim + {end} + '\\n' -}}}}"
         "{%- else -%}"
         "{{- raise_exception('unknown chat role ' + message['role'] + ': expected system, user or assistant') -}}"
         "{%- endif -%}"
         "{%- endfor -%}"
-        f"{{%- if add_generation_prompt -%}}{{{{- {q(chat.assistant_token + chr(10))} -}}}}{{%- endif -%}}"
+        f"{{%- if add_generation_prompt -%}}{{{{- {q(chat.assistant_token)} -}}}}{{%- endif -%}}"
     )
 
 
