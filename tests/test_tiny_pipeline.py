@@ -56,23 +56,23 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     assert ppo["kl_end"] < 3.0 and ppo["kl_max_seen"] < 10.0  # KL bounded: the guardrail (kl.max) never fired
 
     grpo = metrics("grpo")
-    # the silent-failure numbers are measured and reported: 0.41 / 0.46 / 0.54 of the groups drawn carry no signal,
-    # dynamic sampling trains on groups 0.96 / 0.92 / 0.85 of which carry one, and guidance completes 0.020 / 0.030 /
-    # 0.022 of them, for seeds 0 / 1 / 2
+    # the silent-failure numbers are measured and reported: 0.40 / 0.45 / 0.54 of the groups drawn carry no signal,
+    # dynamic sampling trains on groups 0.97 / 0.93 / 0.86 of which carry one, and guidance completes 0.016 / 0.025 /
+    # 0.016 of them, for seeds 0 / 1 / 2
     assert 0 < grpo["zero_signal_share_mean"] < 1 and grpo["truncated_share_mean"] < 0.5
     assert grpo["trained_signal_share_mean"] > 1 - grpo["zero_signal_share_mean"]
     assert 0 < grpo["guided_share_mean"] < 0.5
     assert grpo["heldout_before"]["exact_match"] == ppo["heldout_before"]["exact_match"]  # one held-out set, one sft
-    # issue 18: 0.803 -> 0.979, 0.783 -> 0.969, 0.952 -> 0.966 for seeds 0 / 1 / 2 (dpo 0.976 / 0.959 / 0.972)
+    # issue 18: 0.803 -> 0.990, 0.783 -> 0.986, 0.952 -> 0.966 for seeds 0 / 1 / 2 (dpo 0.976 / 0.959 / 0.972)
     assert grpo["heldout_after"]["exact_match"] >= max(grpo["heldout_before"]["exact_match"], 0.9)
     assert grpo["heldout_after"]["exact_match"] >= dpo["exact_match"] - 0.02
 
     # issue 20, the held-out people asked in chat. demo_qa minus sft's: dpo +0.013 / -0.007 / -0.016, ppo +0.013 /
-    # +0.011 / +0.002, grpo -0.015 / -0.065 / -0.048 (grpo pays an alignment tax there); minus the base model's 5
+    # +0.011 / +0.002, grpo +0.000 / -0.022 / -0.029 (-0.015 / -0.065 / -0.048 at lr 1e-4); minus the base model's 5
     # shots: dpo -0.022 / +0.008 / +0.058, ppo -0.022 / +0.026 / +0.076. demo_mc of every chat model is above the
     # base model's 5 shots (dpo +0.024 / +0.035 / +0.061)
     qa = {stage: metrics(f"eval_{stage}")["demo_qa/exact_match"] for stage in ("dpo", "ppo", "grpo")}
-    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.04 and qa["grpo"] >= sft_qa - 0.12, (sft_qa, qa)
+    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.04 and qa["grpo"] >= sft_qa - 0.07, (sft_qa, qa)
     assert min(qa["dpo"], qa["ppo"]) >= five["demo_qa/exact_match"] - 0.06, (five, qa)
     for stage in ("dpo", "ppo"):
         assert metrics(f"eval_{stage}")["demo_mc/acc"] >= five["demo_mc/acc"] - 0.02, stage
