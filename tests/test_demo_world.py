@@ -13,7 +13,15 @@ import pytest
 from tools import demo_world as dw
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data" / "demo"
-JSONL = ["corpus.jsonl", "sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "prompts.jsonl", "eval.jsonl"]
+JSONL = [
+    "corpus.jsonl",
+    "sft.jsonl",
+    "preference.jsonl",
+    "preference_eval.jsonl",
+    "prompts.jsonl",
+    "arithmetic.jsonl",
+    "eval.jsonl",
+]
 FILES = [*JSONL, "README.md"]
 SMALL_MB = 0.3  # enough documents for every check below, a tenth of the real corpus
 
@@ -165,6 +173,29 @@ def test_eval_arithmetic_answers_are_correct(data: dict[str, list[dict]]) -> Non
         assert row["answer"] == str(expected), row
 
 
+def test_arithmetic_pairs_are_right_and_from_the_train_pool(data: dict[str, list[dict]], world: dw.World) -> None:
+    """arithmetic.jsonl: every chosen answer recomputed from the question, every rejected one wrong, and only the
+    train pool's items (the eval and preference_eval arithmetic stays reserved)."""
+    ops = {
+        "add": lambda x, y: x + y,
+        "sub": lambda x, y: x - y,
+        "next": lambda x, _: x + 1,
+        "prev": lambda x, _: x - 1,
+    }
+    seen = Counter()
+    for row in data["arithmetic"]:
+        question, chosen, rejected = (row[k][0]["content"] for k in ("prompt", "chosen", "rejected"))
+        kind = next(k for k in dw.RULE_ARITH for t in dw.QUESTION_TEMPLATES[k] if re.fullmatch(
+            re.escape(t).replace(r"\{x\}", r"\d+").replace(r"\{y\}", r"\d+"), question))  # fmt: skip
+        nums = [int(n) for n in re.findall(r"\d+", question)]
+        x, y = (nums[-1], nums[0]) if question.startswith("Subtract") else (nums[0], nums[-1])
+        assert chosen == str(ops[kind](x, y)) != rejected, row
+        key = (x,) if kind in ("next", "prev") else (x, y) if kind == "sub" else (min(x, y), max(x, y))
+        assert key in world.pools["train"][kind], row
+        seen[kind] += 1
+    assert set(seen) == set(dw.RULE_ARITH) and all(seen[k] == 2 * len(world.pools["train"][k]) for k in seen)
+
+
 # --- the held-out split -----------------------------------------------------------------------------------
 
 
@@ -177,7 +208,9 @@ def test_arithmetic_pools_are_disjoint(world: dw.World) -> None:
 def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: Path) -> None:
     questions = {r["question"] for r in data["eval"]}
     others = {m["content"] for r in data["sft"] for m in r["messages"] if m["role"] == "user"}
-    others |= {r["prompt"][0]["content"] for name in ("preference", "preference_eval") for r in data[name]}
+    others |= {
+        r["prompt"][0]["content"] for name in ("preference", "preference_eval", "arithmetic") for r in data[name]
+    }
     assert not questions & others
     # Nor does the corpus ask them, or preference_eval's questions: its Q/A lines state those facts in other
     # phrasings only, so both sets measure recall, not a line the model memorised (216 of eval's 240 fact
@@ -189,7 +222,7 @@ def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: 
 
 def test_held_out_people_never_in_train_chat_data(world: dw.World, small: Path) -> None:
     held = name_pattern([p.name for p in world.split(held_out=True)])
-    for name in ("sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "prompts.jsonl"):
+    for name in ("sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "prompts.jsonl", "arithmetic.jsonl"):
         text = (small / name).read_text(encoding="utf-8")
         assert held.search(text) is None, name
 

@@ -33,47 +33,48 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     assert five["demo_qa/exact_match"] >= zero["demo_qa/exact_match"] - 0.03
     sft = metrics("sft")
     # the mid-trained base model answers in chat already (its chat exact match 0.610 / 0.570 / 0.715, seeds 0 / 1 /
-    # 2; sft 0.610 / 0.655 / 0.785); sft's own held-out loss falls 0.352 -> 0.246, 0.417 -> 0.250, 0.323 -> 0.250
+    # 2; sft 0.715 / 0.695 / 0.740); sft's own held-out loss falls 0.352 -> 0.276, 0.417 -> 0.290, 0.323 -> 0.263
     assert sft["eval_loss"] < 0.85 * sft["eval_loss_before"]
     assert sft["exact_match"] >= sft["exact_match_before"] - 0.02
     # issue 20: asked in chat, the sft model answers held-out people's questions from what pretraining stored
-    # (0.135 before mid-training, 0.523 before the chat template's space; 0.615 / 0.637 / 0.757, bench/RESULTS.md)
+    # (0.135 before mid-training, 0.523 before the chat template's space, 0.615 / 0.637 / 0.757 before corpus replay;
+    # 0.704 / 0.691 / 0.720, bench/RESULTS.md)
     sft_qa = metrics("eval_sft")["demo_qa/exact_match"]
-    assert sft_qa >= 0.45
+    assert sft_qa >= 0.6
     assert metrics("reward")["heldout_pair_accuracy"] >= 0.9
     dpo = metrics("dpo")
     # held-out exact match (other phrasings of the preference people's facts, whom sft never asked about) rises:
-    # 0.803 -> 0.976, 0.783 -> 0.959, 0.952 -> 0.972 for seeds 0 / 1 / 2
+    # 0.941 -> 0.972, 0.883 -> 0.955, 0.959 -> 0.966 for seeds 0 / 1 / 2
     assert dpo["exact_match"] >= max(dpo["exact_match_before"], 0.9)
     assert dpo["heldout_logp_margin"] > dpo["heldout_logp_margin_before"]
     pairs = metrics("pairs")
     assert pairs["pairs"] > 1500 and 0 < pairs["mean_score"] < pairs["best_of_n_mean_score"]
     ppo = metrics("ppo")
-    # exact match 0.803 -> 0.952, 0.783 -> 0.921, 0.952 -> 0.952 and the reward model's score 1.28 -> 2.28, 1.83 ->
-    # 2.79, 2.87 -> 2.85 (seed 2's sft model answers nearly all already: nothing left to learn, KL 0.03)
+    # exact match 0.941 -> 0.966, 0.883 -> 0.934, 0.959 -> 0.959 (seed 2's sft model answers nearly all already:
+    # nothing left to learn, KL 0.007)
     assert ppo["heldout_after"]["exact_match"] >= max(ppo["heldout_before"]["exact_match"] - 0.02, 0.85)
     assert ppo["heldout_after"]["reward"] > ppo["heldout_before"]["reward"] - 0.2
     assert ppo["kl_end"] < 3.0 and ppo["kl_max_seen"] < 10.0  # KL bounded: the guardrail (kl.max) never fired
 
     grpo = metrics("grpo")
-    # the silent-failure numbers are measured and reported: 0.40 / 0.45 / 0.54 of the groups drawn carry no signal,
-    # dynamic sampling trains on groups 0.97 / 0.93 / 0.86 of which carry one, and guidance completes 0.016 / 0.025 /
-    # 0.016 of them, for seeds 0 / 1 / 2
+    # the silent-failure numbers are measured and reported: 0.42 / 0.47 / 0.52 of the groups drawn carry no signal,
+    # dynamic sampling trains on groups 0.96 / 0.93 / 0.87 of which carry one, and guidance completes 0.016 / 0.024 /
+    # 0.019 of them, for seeds 0 / 1 / 2
     assert 0 < grpo["zero_signal_share_mean"] < 1 and grpo["truncated_share_mean"] < 0.5
     assert grpo["trained_signal_share_mean"] > 1 - grpo["zero_signal_share_mean"]
     assert 0 < grpo["guided_share_mean"] < 0.5
     assert grpo["heldout_before"]["exact_match"] == ppo["heldout_before"]["exact_match"]  # one held-out set, one sft
-    # issue 18: 0.803 -> 0.990, 0.783 -> 0.986, 0.952 -> 0.966 for seeds 0 / 1 / 2 (dpo 0.976 / 0.959 / 0.972)
+    # issue 18: 0.941 -> 0.976, 0.883 -> 0.983, 0.959 -> 0.966 for seeds 0 / 1 / 2 (dpo 0.972 / 0.955 / 0.966)
     assert grpo["heldout_after"]["exact_match"] >= max(grpo["heldout_before"]["exact_match"], 0.9)
     assert grpo["heldout_after"]["exact_match"] >= dpo["exact_match"] - 0.02
 
-    # issue 20, the held-out people asked in chat. demo_qa minus sft's: dpo +0.013 / -0.007 / -0.016, ppo +0.013 /
-    # +0.011 / +0.002, grpo +0.000 / -0.022 / -0.029 (-0.015 / -0.065 / -0.048 at lr 1e-4); minus the base model's 5
-    # shots: dpo -0.022 / +0.008 / +0.058, ppo -0.022 / +0.026 / +0.076. demo_mc of every chat model is above the
-    # base model's 5 shots (dpo +0.024 / +0.035 / +0.061)
+    # issue 20, the held-out people asked in chat. demo_qa minus sft's: dpo +0.007 / +0.000 / +0.019, ppo -0.004 /
+    # -0.011 / +0.004, grpo -0.006 / -0.021 / +0.006; minus the base model's 5 shots: dpo +0.061 / +0.069 / +0.056,
+    # ppo +0.050 / +0.058 / +0.041 (with sft's corpus replay; without it sft was 0.035 below the base in seed 0).
+    # demo_mc of every chat model is above the base model's 5 shots (dpo +0.043 / +0.059 / +0.043)
     qa = {stage: metrics(f"eval_{stage}")["demo_qa/exact_match"] for stage in ("dpo", "ppo", "grpo")}
-    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.04 and qa["grpo"] >= sft_qa - 0.07, (sft_qa, qa)
-    assert min(qa["dpo"], qa["ppo"]) >= five["demo_qa/exact_match"] - 0.06, (five, qa)
+    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.03 and qa["grpo"] >= sft_qa - 0.05, (sft_qa, qa)
+    assert min(qa["dpo"], qa["ppo"]) >= five["demo_qa/exact_match"], (five, qa)
     for stage in ("dpo", "ppo"):
         assert metrics(f"eval_{stage}")["demo_mc/acc"] >= five["demo_mc/acc"] - 0.02, stage
 

@@ -548,6 +548,27 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict], 
     return train, held_out, chats
 
 
+# The skills sft teaches that the preference data leaves out (a reward model cannot judge them), as pairs a rule
+# decides: the tiny pipeline's dpo mixes them in so that training on facts and comparisons does not wear them away.
+RULE_ARITH = ("add", "sub", "next", "prev")
+
+
+def build_arithmetic_pairs(world: World, seed: int) -> list[dict]:
+    """Two pairs (two phrasings) per train-pool item of RULE_ARITH, rejecting a near miss or, for successor and
+    predecessor, also the number asked about (what a policy trained on comparisons starts to answer). Measured on
+    the demo chain with corpus replay in sft (seed 0): dpo's demo_qa 0.707 without them, 0.711 with these (0.722
+    with a draft that rejected the first operand of sums too; sft 0.704); without replay (seed 1) 0.630 -> 0.637."""
+    rng = random.Random(f"{seed}-arithmetic")
+    rows = []
+    for kind in RULE_ARITH:
+        for key in world.pools["train"][kind]:
+            answer = str(arith_answer(kind, key))
+            wrong = near_misses(answer) + ([str(key[0])] if kind in ("next", "prev") else [])
+            rows += [pair(arith_text(rng, kind, key, True), answer, rng.choice(wrong)) for _ in range(2)]
+    rng.shuffle(rows)
+    return rows
+
+
 def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(f"{seed}-chat")
     # Each held-out fact gets a shuffled phrasing list: eval uses the first two, so no eval question appears
@@ -574,6 +595,7 @@ def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
         "preference": preference,
         "preference_eval": pref_eval,
         "prompts": prompts,
+        "arithmetic": build_arithmetic_pairs(world, seed),
         "eval": evals,
     }
 
@@ -636,6 +658,10 @@ appear in no other file. Answers are one word or one number.
   pair per question and asks what preference never does: other phrasings of the facts, reserved comparisons.
 - `prompts.jsonl`: `{{"messages": [user msg, assistant msg]}}`, the RL prompts with their reference answer: each
   preference.jsonl fact question once (about the preference people).
+- `arithmetic.jsonl`: pairs as in preference.jsonl about sums, differences, successors and predecessors of the
+  train pool, two phrasings each, rejecting a near miss (or the number asked about): rule-judged pairs that the
+  tiny pipeline's dpo mixes in so alignment keeps the arithmetic sft taught. Not in the reward model's data: a
+  1M-parameter reward model cannot judge near-miss sums.
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
 """
