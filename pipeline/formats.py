@@ -191,11 +191,55 @@ def load_prompt_rows(
     from pipeline.rewards import needs_reference, worked_solutions_problem
 
     want_reference = any(needs_reference(r) for r in rewards)
-    ds = load_examples(cfg, required=[])
-    columns = ds.column_names
+    sources = [(where, *_prompts_and_references(ds, where, reference_key, chat, want_reference))
+               for where, ds in _prompt_sources(cfg)]  # fmt: skip
+    rows: dict[str, dict] = {}
+    for where, prompts, references, key in sources:
+        for index, prompt in enumerate(prompts):
+            if not prompt or not isinstance(prompt, (str, list)):
+                raise UserError(f"data: {where}: row {index} has an empty prompt or one that is not text/messages")
+            reference = references[index] if references is not None else None
+            if want_reference and not reference:
+                raise UserError(f"data: {where}: row {index} has no reference answer"
+                                + (f" in column {key!r}" if key else ""))  # fmt: skip
+            rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
+    found = [r["reference"] for r in rows.values()]
+    for reward in rewards:
+        if problem := worked_solutions_problem(reward, found, f"data: {cfg.path}"):
+            raise UserError(problem)
+    return list(rows.values())
+
+
+def _prompt_sources(cfg: DataConfig) -> list[tuple[str, object]]:
+    """The prompt data as (source, dataset) pairs. Each entry of a list of paths is read in its own layout, so RL
+    prompts can mix a chat file (`messages`) with a preference file (`prompt` + `chosen`) or a GSM8K file; a
+    mixture's sources are cut or repeated to their weights first. One path: one source."""
+    import dataclasses
+
+    from pipeline.data import load_mixture
+
+    if cfg.mix is not None:
+        return [(name, ds) for name, ds, _ in load_mixture(cfg, required=[])]
+    if not isinstance(cfg.path, list) or len(cfg.path) == 1 or cfg.streaming:
+        return [(str(cfg.path), load_examples(cfg, required=[]))]
+    sources, left = [], cfg.max_examples  # max_examples counts the rows of all the files, in order
+    for path in cfg.path:
+        if left == 0:
+            break
+        ds = load_examples(dataclasses.replace(cfg, path=path, max_examples=None), required=[])
+        if left is not None:
+            ds = ds.select(range(min(left, len(ds))))
+            left -= len(ds)
+        sources.append((path, ds))
+    return sources
+
+
+def _prompts_and_references(ds, where: str, reference_key: str | None, chat: bool, want_reference: bool):
+    """One source's prompts, its reference answers (None: it has none) and the column they came from."""
+    columns = column_names(ds)
     asked = next((c for c in PROMPT_COLUMNS if c in columns), None)
     if asked is None:
-        raise UserError(f"data: {cfg.path} has no `prompt`, `messages`, `question` or `problem` column (columns: "
+        raise UserError(f"data: {where} has no `prompt`, `messages`, `question` or `problem` column (columns: "
                         f"{columns}); map yours with data.columns, e.g. {{prompt: instruction}}")  # fmt: skip
     references = None
     if asked == "messages":
@@ -207,27 +251,14 @@ def load_prompt_rows(
         if chat and asked in ("question", "problem"):
             prompts = [[{"role": "user", "content": p}] if isinstance(p, str) and p else p for p in prompts]
     if reference_key is not None and reference_key not in columns:
-        raise UserError(f"reference_key: column {reference_key!r} is not in {cfg.path} (columns: {columns})")
+        raise UserError(f"reference_key: column {reference_key!r} is not in {where} (columns: {columns})")
     key = reference_key or next((c for c in REFERENCE_COLUMNS if c in columns), None)
     if key is not None:
         references = [_final_reply(v) if isinstance(v, (str, list)) else None for v in ds[key]]
     if want_reference and references is None:
-        raise UserError(f"data: {cfg.path} has no reference answers: no `messages` and none of the columns "
+        raise UserError(f"data: {where} has no reference answers: no `messages` and none of the columns "
                         f"{list(REFERENCE_COLUMNS)} (columns: {columns}); set reference_key")  # fmt: skip
-    rows: dict[str, dict] = {}
-    for index, prompt in enumerate(prompts):
-        if not prompt or not isinstance(prompt, (str, list)):
-            raise UserError(f"data: {cfg.path}: row {index} has an empty prompt or one that is not text/messages")
-        reference = references[index] if references is not None else None
-        if want_reference and not reference:
-            raise UserError(f"data: {cfg.path}: row {index} has no reference answer"
-                            + (f" in column {key!r}" if key else ""))  # fmt: skip
-        rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
-    found = [r["reference"] for r in rows.values()]
-    for reward in rewards:
-        if problem := worked_solutions_problem(reward, found, f"data: {cfg.path}"):
-            raise UserError(problem)
-    return list(rows.values())
+    return prompts, references, key
 
 
 def last_text(value) -> str:

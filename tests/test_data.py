@@ -153,6 +153,33 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
         load_prompt_rows(DataConfig(path=str(alpaca)))
 
 
+def test_rl_prompts_mix_sources_of_different_layouts(tmp_path):
+    from pipeline.formats import load_prompt_rows
+
+    user = [{"role": "user", "content": "Name Tuga's job."}]
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [*user, {"role": "assistant", "content": "miller"}]}])
+
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    pairs = [{"prompt": turn("user", f"Add {i} and 1."), "chosen": turn("assistant", str(i + 1)),
+              "rejected": turn("assistant", str(i + 3))} for i in range(4)]  # fmt: skip
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "2+2?", "answer": "#### 4"}])
+    # each file in its own layout: the chat's last turn, the pair's chosen reply, the GSM8K answer are the references
+    rows = load_prompt_rows(DataConfig(path=[str(chats), str(pairs), str(gsm8k)]), chat=True)
+    assert [r["reference"] for r in rows] == ["miller", "1", "2", "3", "4", "#### 4"]
+    assert rows[0]["prompt"] == user and rows[-1]["prompt"] == [{"role": "user", "content": "2+2?"}]
+    # max_examples counts the rows of all the files in order; a mixture cuts each source to its weight
+    assert len(load_prompt_rows(DataConfig(path=[str(chats), str(pairs)], max_examples=3))) == 3
+    mixed = load_prompt_rows(DataConfig(path=[str(chats), str(pairs)], mix=[1.0, 2]))
+    assert [r["reference"] for r in mixed][0] == "miller" and len(mixed) == 3
+    # a source without references is named when the reward needs them
+    bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": "Say hi."}])
+    with pytest.raises(UserError, match=r"bare\.jsonl has no reference answers"):
+        load_prompt_rows(DataConfig(path=[str(chats), str(bare)]), rewards=["exact_match"])
+
+
 def _h4_row(i: int, answer: str = "Blue.", prompt: str | None = None) -> dict:
     """A row in the layout of HuggingFaceH4/ultrafeedback_binarized: the prompt as a string, and chosen/rejected as
     whole conversations that repeat it, with the set's extra columns."""
