@@ -726,17 +726,23 @@ def test_dynamic_sampling_keeps_the_groups_with_signal(tmp_path, tiny_policy, pr
     assert refused.returncode == 2 and "rollout.samples_per_prompt >= 2" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_ptx_adds_a_pretraining_loss_that_the_updates_lower(tmp_path, tiny_policy, prompts, rule_reward_path):
-    """PPO-ptx: with ptx.coef 1 and a small text, every step logs ptx_loss and the updates lower it while the
-    reward still counts (value head on the policy: the ptx pass goes through the same module). coef > 0 without
-    data is refused before any compute, naming the key."""
-    text = write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"The cat {i} sat on the mat by the river."}
-                                                   for i in range(40)])  # fmt: skip
+@pytest.mark.parametrize("source", ["text", "chats"])
+def test_ptx_adds_a_pretraining_loss_that_the_updates_lower(source, tmp_path, tiny_policy, prompts, rule_reward_path):
+    """PPO-ptx: with ptx.coef 1 and a small text (or chats, rendered by the chat template as sft shows them), every
+    step logs ptx_loss and the updates lower it while the reward still counts (value head on the policy: the ptx
+    pass goes through the same module). coef > 0 without data is refused before any compute, naming the key."""
+    if source == "text":
+        rows = [{"text": f"The cat {i} sat on the mat by the river."} for i in range(40)]
+    else:
+        reply = {"role": "assistant", "content": "On the mat by the river."}
+        rows = [{"messages": [{"role": "user", "content": f"Where did cat {i} sit?"}, reply]} for i in range(40)]
+    text = write_jsonl(tmp_path / "corpus.jsonl", rows)
     out = tmp_path / "ptx"
     extra = ["ptx.coef=1.0", f"ptx.data.path={text}", "ptx.block_size=16", "ptx.batch_size=4", "value_model=head",
-             "train.steps=10", "checkpoint_every=10"]  # fmt: skip
+             "train.steps=10", "checkpoint_every=10", "kl.max=100"]  # fmt: skip
+    # kl.max: the chats' replies pull this lr-1e-2 policy's answers to the prompts far from the reference (KL ~10)
     result = run_cli(*ppo_args(out, tiny_policy, prompts, *extra))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-800:]
     rows = history(out)
     assert all(math.isfinite(r["ptx_loss"]) for r in rows) and "ptx loss" in result.stderr
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]

@@ -94,8 +94,8 @@ class PtxSection:
         "step (a per-token mean, as the policy loss is); it holds on to what pretraining taught. 0: off.", ge=0,
     )  # fmt: skip
     data: DataConfig | None = field(
-        None, "Plain text (`text` rows, e.g. the pretraining corpus), packed into blocks as the pretrain stage packs "
-        "it (EOS after each document).",
+        None, "Plain text (`text` rows, e.g. the pretraining corpus) or chats (`messages`, rendered by the chat "
+        "template, e.g. the sft data), packed into blocks as the pretrain stage packs them (EOS after each document).",
     )  # fmt: skip
     block_size: int = field(128, "Tokens per block.", ge=8)
     batch_size: int = field(8, "Blocks per process per optimizer step.", ge=1)

@@ -27,9 +27,9 @@ from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.batches import BlockSampler
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import load_examples, pack_dataset, stage_inputs
+from pipeline.data import pack_dataset, stage_inputs
 from pipeline.distributed import launch_facts, make_accelerator, world_size
-from pipeline.formats import load_prompt_rows, load_reference_answers, overlap_problem
+from pipeline.formats import load_documents, load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import encode_prompts, heldout_metrics, rollout, take_rows
 from pipeline.modeling import (
     LoraSection,
@@ -223,7 +223,7 @@ def run(cfg: PPOConfig) -> dict | None:
         raise UserError(problem)
     if cfg.reward_function:
         load_reward_function(cfg.reward_function, "reward_function")
-    ptx_docs = load_examples(cfg.ptx.data, ["text"]) if cfg.ptx.coef > 0 else None
+    ptx_docs = load_documents(cfg.ptx.data, tokenizer) if cfg.ptx.coef > 0 else None
     world, train = world_size(), cfg.train
     if train.rollout_batch_size % (world * train.num_minibatches):
         raise UserError(f"train.rollout_batch_size {train.rollout_batch_size} must be a multiple of processes x "
