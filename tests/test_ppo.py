@@ -731,18 +731,19 @@ def test_ptx_adds_a_pretraining_loss_that_the_updates_lower(source, tmp_path, ti
     """PPO-ptx: with ptx.coef 1 and a small text (or chats, rendered by the chat template as sft shows them), every
     step logs ptx_loss and the updates lower it while the reward still counts (value head on the policy: the ptx
     pass goes through the same module). coef > 0 without data is refused before any compute, naming the key."""
+    guardrail = []
     if source == "text":
         rows = [{"text": f"The cat {i} sat on the mat by the river."} for i in range(40)]
     else:
         reply = {"role": "assistant", "content": "On the mat by the river."}
         rows = [{"messages": [{"role": "user", "content": f"Where did cat {i} sit?"}, reply]} for i in range(40)]
+        guardrail = ["kl.max=100"]  # the replies pull this lr-1e-2 policy's answers far from the reference (KL ~10)
     text = write_jsonl(tmp_path / "corpus.jsonl", rows)
     out = tmp_path / "ptx"
     extra = ["ptx.coef=1.0", f"ptx.data.path={text}", "ptx.block_size=16", "ptx.batch_size=4", "value_model=head",
-             "train.steps=10", "checkpoint_every=10", "kl.max=100"]  # fmt: skip
-    # kl.max: the chats' replies pull this lr-1e-2 policy's answers to the prompts far from the reference (KL ~10)
+             "train.steps=10", "checkpoint_every=10", *guardrail]  # fmt: skip
     result = run_cli(*ppo_args(out, tiny_policy, prompts, *extra))
-    assert result.returncode == 0, result.stderr[-800:]
+    assert result.returncode == 0, result.stderr[-3000:]
     rows = history(out)
     assert all(math.isfinite(r["ptx_loss"]) for r in rows) and "ptx loss" in result.stderr
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
