@@ -240,7 +240,7 @@ def _prompts_and_references(ds, where: str, reference_key: str | None, chat: boo
     asked = next((c for c in PROMPT_COLUMNS if c in columns), None)
     if asked is None:
         raise UserError(f"data: {where} has no `prompt`, `messages`, `question` or `problem` column (columns: "
-                        f"{columns}); map yours with data.columns, e.g. {{prompt: instruction}}")  # fmt: skip
+                        f"{columns}); map yours with data.columns, e.g. {{prompt: query}}")  # fmt: skip
     references = None
     if asked == "messages":
         chats = list(ds["messages"])

@@ -149,8 +149,12 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
     mapped = DataConfig(path=str(alpaca), columns={"prompt": "instruction", "answer": "output"})
     assert load_prompt_rows(mapped) == [{"prompt": "Say hi.", "reference": "hi"}]
     assert load_prompt_rows(mapped, chat=True) == [{"prompt": "Say hi.", "reference": "hi"}]
-    with pytest.raises(UserError, match=r"alpaca\.jsonl has no `prompt`.*\['instruction', 'output'\].*data\.columns"):
-        load_prompt_rows(DataConfig(path=str(alpaca)))
+    # unmapped, an Alpaca row is a chat: its instruction the user turn, its output the reference
+    assert load_prompt_rows(DataConfig(path=str(alpaca))) == [
+        {"prompt": [{"role": "user", "content": "Say hi."}], "reference": "hi"}]  # fmt: skip
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"query": "Say hi.", "response": "hi"}])
+    with pytest.raises(UserError, match=r"odd\.jsonl has no `prompt`.*\['query', 'response'\].*data\.columns"):
+        load_prompt_rows(DataConfig(path=str(odd)))
 
 
 def test_rl_prompts_mix_sources_of_different_layouts(tmp_path):
@@ -212,3 +216,64 @@ def test_public_preference_layouts_load_as_trl_pairs(tmp_path):
     disagree = write_jsonl(tmp_path / "disagree.jsonl", [_h4_row(0), _h4_row(1, prompt="Something else?")])
     with pytest.raises(UserError, match=r"disagree\.jsonl: row 1: 'prompt' is not the text of the conversations"):
         load_preference_pairs(DataConfig(path=str(disagree)))
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": text} for role, text in pairs]
+
+
+def _sharegpt(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"from": speaker, "value": text} for speaker, text in pairs]
+
+
+def test_sharegpt_and_alpaca_layouts_read_as_chats_in_every_loader(tmp_path):
+    """The two public layouts trl does not read (ShareGPT's {from, value} turns, Alpaca's instruction / input /
+    output) arrive as trl's `messages` or preference form wherever data is read: sft rows, a mixture with a
+    `messages` file, preference pairs, RL prompts with their reference. Another speaker is named, with its row."""
+    from pipeline.formats import load_preference_pairs, load_prompt_rows
+
+    talk = _sharegpt(("human", "2+2?"), ("gpt", "4"), ("human", "And 3+3?"), ("gpt", "6"))
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"system": "Be brief.", "conversations": talk},
+        {"system": "", "conversations": _sharegpt(("user", "Hi"), ("assistant", "Hello"))},
+    ])  # fmt: skip
+    ds = load_examples(DataConfig(path=str(sharegpt)), required=["messages"])
+    asked = _turns(("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("user", "And 3+3?"))
+    assert ds.column_names == ["messages"] and ds[0]["messages"] == [*asked, *_turns(("assistant", "6"))]
+    assert ds[1]["messages"] == _turns(("user", "Hi"), ("assistant", "Hello"))
+    # the same turns under `messages`, and role/content turns under `conversations`
+    as_messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": _sharegpt(("human", "Hi"))}])
+    assert load_examples(DataConfig(path=str(as_messages)), ["messages"])[0]["messages"] == _turns(("user", "Hi"))
+    renamed = write_jsonl(tmp_path / "c.jsonl", [{"conversations": _turns(("user", "Hi"), ("assistant", "Yo"))}])
+    assert load_examples(DataConfig(path=str(renamed)), ["messages"])[0]["messages"][1]["content"] == "Yo"
+
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "system": "", "history": []},
+        {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be kind.", "history": [["Who?", "Me."]]},
+    ])  # fmt: skip
+    ds = load_examples(DataConfig(path=str(alpaca)), required=["messages"])
+    assert ds[0]["messages"] == _turns(("user", "Add the numbers.\n\n2 and 3"), ("assistant", "5"))
+    assert ds[1]["messages"] == _turns(("system", "Be kind."), ("user", "Who?"), ("assistant", "Me."),
+                                       ("user", "Say hi."), ("assistant", "hi"))  # fmt: skip
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": _turns(("user", "Yo"), ("assistant", "Hey"))}])
+    mixed = load_examples(DataConfig(path=[str(sharegpt), str(alpaca), str(chats)], mix=[1.0, 1.0, 3]), ["messages"])
+    assert len(mixed) == 7 and mixed[6]["messages"] == _turns(("user", "Yo"), ("assistant", "Hey"))
+
+    (chosen,), (rejected,) = _sharegpt(("gpt", "4")), _sharegpt(("gpt", "5"))
+    pairs = [{"conversations": _sharegpt(("human", "2+2?")), "chosen": chosen, "rejected": rejected}]
+    pairs = write_jsonl(tmp_path / "sharegpt_pairs.jsonl", pairs)
+    alpaca_pairs = write_jsonl(tmp_path / "alpaca_pairs.jsonl",
+                               [{"instruction": "2+2?", "input": "", "chosen": "4", "rejected": "5"}])  # fmt: skip
+    for path in (pairs, alpaca_pairs):
+        ds, conversational = load_preference_pairs(DataConfig(path=str(path)))
+        assert conversational and ds[0] == {"prompt": _turns(("user", "2+2?")), "chosen": _turns(("assistant", "4")),
+                                            "rejected": _turns(("assistant", "5"))}, path  # fmt: skip
+
+    rows = load_prompt_rows(DataConfig(path=str(sharegpt)), rewards=["exact_match"])
+    assert rows[0] == {"prompt": asked, "reference": "6"} and rows[1]["reference"] == "Hello"
+
+    tool = [{"conversations": _sharegpt(("human", "Hi"), ("gpt", "Hello"))},
+            {"conversations": _sharegpt(("human", "Weather?"), ("function_call", "{}"))}]  # fmt: skip
+    tool = write_jsonl(tmp_path / "tool.jsonl", tool)
+    with pytest.raises(UserError, match=r"tool\.jsonl: row 1: 'conversations': turn 1 is from 'function_call'"):
+        load_examples(DataConfig(path=str(tool)), required=["messages"])

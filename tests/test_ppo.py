@@ -815,7 +815,7 @@ def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, p
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "hi"}])
     no_prompt = run_cli(*ppo_args(out, tiny_policy, bad, "reward_function=math:fsum"))
     assert no_prompt.returncode == 2 and "no `prompt`, `messages`, `question` or `problem`" in no_prompt.stderr
-    assert "data.columns, e.g. {prompt: instruction}" in no_prompt.stderr
+    assert "data.columns, e.g. {prompt: query}" in no_prompt.stderr
     assert not out.exists()
 
 

@@ -206,6 +206,41 @@ def test_a_mixture_replays_plain_text_on_every_token(tmp_path, base_model):
     assert not (tmp_path / "no").exists()
 
 
+def test_sharegpt_and_alpaca_files_train_their_answers(tmp_path, base_model):
+    """Files as published in the ShareGPT and Alpaca layouts, mixed: each row trains on its assistant turns only
+    (both of a two-turn ShareGPT chat, the Alpaca output), the stage runs on them, and a ShareGPT turn from a tool
+    is refused, named with its row, before the output folder exists."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = base_model / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    turns = [{"from": "human", "value": "Where does Razul live?"}, {"from": "gpt", "value": "Dunhallow"},
+             {"from": "human", "value": "And his pet?"}, {"from": "gpt", "value": "a heron"}]  # fmt: skip
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": turns, "system": "Answer briefly."}] * 6)
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Add.", "input": "2 and 3", "output": "5"}] * 6)
+    mixed = [f"data.path=[{sharegpt},{alpaca}]", "data.mix=[1.0,1.0]", "eval_fraction=0"]
+    cfg = load_config(SFTStageConfig, SFT_YAML, [f"output_dir={tmp_path / 'o'}", f"init_from={base_model}", *mixed])
+    ds, fmt, _, _ = load_sft_rows(cfg.data)
+    assert fmt == "messages" and len(ds) == 12
+    rows = build_trainer(cfg, AutoModelForCausalLM.from_pretrained(model_dir), tokenizer, ds, None, fmt).train_dataset
+    trained = [trained_text(tokenizer, row["input_ids"], row["labels"]) for row in rows]
+    assert trained[0] == [" Dunhallow<|end|>", " a heron<|end|>"] and trained[6] == [" 5<|end|>"], trained
+    assert "Answer briefly." in tokenizer.decode(rows[0]["input_ids"])
+    assert "Add.\n\n2 and 3" in tokenizer.decode(rows[6]["input_ids"])
+    out = tmp_path / "sft"
+    result = run_cli(*sft_args(out, base_model, *mixed, "data.max_examples=null", "train.max_steps=4",
+                               "train.save_steps=4", "generation_eval=null"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model" / "model.safetensors").exists()
+    tool = write_jsonl(
+        tmp_path / "tool.jsonl", [{"conversations": [*turns[:1], {"from": "observation", "value": "{}"}]}]
+    )
+    refused = run_cli(*sft_args(tmp_path / "no", base_model, f"data.path={tool}"))
+    assert refused.returncode == 2 and "tool.jsonl: row 0: 'conversations': turn 1 is from 'observation'" in (
+        refused.stderr), refused.stderr[-2000:]  # fmt: skip
+    assert not (tmp_path / "no").exists()
+
+
 # --- end to end ---------------------------------------------------------------------------------------------------
 
 
