@@ -378,7 +378,9 @@ def public_layouts(ds, source: str):
       {from, value} turns (LLaMA-Factory's preference layout) -> `prompt` messages plus one-message replies.
     - Alpaca: `instruction`, optional `input` (joined to it by a blank line), optional `system` and `history`
       ([[question, answer], ...] turns before it) -> `messages` ending with `output` as the assistant's turn; with
-      `chosen` / `rejected` strings instead of `output` -> `prompt` messages with those replies.
+      `chosen` / `rejected` strings instead of `output` -> `prompt` messages with those replies. A `text` column
+      beside them (tatsu-lab/alpaca's prompt rendered in Alpaca's own template) is dropped: the model's chat
+      template renders the turns instead.
     Anything else is returned untouched. A ShareGPT turn from another speaker is an error naming row and speaker."""
     columns = column_names(ds)
     first = next(iter(ds), None) if columns else None
@@ -389,7 +391,7 @@ def public_layouts(ds, source: str):
         return _from_sharegpt(ds, source, chat_column, columns)
     if chat_column == "conversations" and "messages" not in columns and isinstance(first["conversations"], list):
         return ds.rename_column("conversations", "messages")  # role/content turns under the other name
-    if "instruction" in columns and not {"messages", "prompt", "text"} & set(columns):
+    if "instruction" in columns and not {"messages", "prompt"} & set(columns):
         if "output" in columns or {"chosen", "rejected"} <= set(columns):
             return _from_alpaca(ds, columns)
     return ds
@@ -442,5 +444,5 @@ def _from_alpaca(ds, columns: list[str]):
             return {"prompt": messages}
         return {"messages": messages + [{"role": "assistant", "content": str(row[reply])}]}
 
-    drop = [c for c in ("instruction", "input", "output", "system", "history") if c in columns]
+    drop = [c for c in ("instruction", "input", "output", "system", "history", "text") if c in columns]
     return ds.map(convert, remove_columns=drop)

@@ -248,10 +248,13 @@ def test_sharegpt_and_alpaca_layouts_read_as_chats_in_every_loader(tmp_path):
     assert load_examples(DataConfig(path=str(renamed)), ["messages"])[0]["messages"][1]["content"] == "Yo"
 
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [
-        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "system": "", "history": []},
-        {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be kind.", "history": [["Who?", "Me."]]},
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "system": "", "history": [],
+         "text": "Below is an instruction..."},  # tatsu-lab/alpaca's own rendering: the chat template's instead
+        {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be kind.", "history": [["Who?", "Me."]],
+         "text": "Below is an instruction..."},
     ])  # fmt: skip
     ds = load_examples(DataConfig(path=str(alpaca)), required=["messages"])
+    assert ds.column_names == ["messages"]
     assert ds[0]["messages"] == _turns(("user", "Add the numbers.\n\n2 and 3"), ("assistant", "5"))
     assert ds[1]["messages"] == _turns(("system", "Be kind."), ("user", "Who?"), ("assistant", "Me."),
                                        ("user", "Say hi."), ("assistant", "hi"))  # fmt: skip
