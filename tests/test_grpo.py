@@ -60,6 +60,30 @@ def test_rule_reward_rises_and_the_signal_is_logged(tmp_path, tiny_policy, promp
     AutoModelForCausalLM.from_pretrained(out / "model")
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["importance_sampling_level=sequence", "loss_type=grpo"],  # GSPO
+        ["importance_sampling_level=sequence", "loss_type=luspo"],
+        ["loss_type=vespo"],
+    ],
+)
+def test_sequence_level_losses_learn_the_rule_too(tmp_path, tiny_policy, prompts, rule_reward_path, variant):
+    """GSPO (one length-normalised ratio per answer), LUSPO and VESPO reach trl as set and move the reward as the
+    token-level default does."""
+    out = tmp_path / "grpo"
+    result = run_cli(*grpo_args(out, tiny_policy, prompts, "train.max_steps=20", *variant))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["reward_end"] > metrics["reward_start"] + 0.2, (
+        variant,
+        metrics["reward_start"],
+        metrics["reward_end"],
+    )
+    saved = (out / "config.yaml").read_text()
+    assert all(f"{v.split('=')[0]}: {v.split('=')[1]}" in saved for v in variant), saved
+
+
 def test_resume_continues_the_same_run(tmp_path, tiny_policy, prompts, rule_reward_path):
     """Stopped after step 4 (its checkpoint) and rerun with max_steps=6: the run has 6 steps, steps 5-6 sample the
     prompts the unbroken run samples, and no prompt comes twice within the epoch (12 steps of 8 prompts)."""
@@ -131,6 +155,8 @@ def test_two_cpu_processes_split_the_groups_and_stay_equal(tmp_path, tiny_policy
         (["train.micro_batch_size=6"], "not a multiple of num_generations 4"),
         (["rewards=[ppo_rewards:no_such_rule]"], "rewards[0]: cannot import 'ppo_rewards:no_such_rule'"),
         (["loss_type=grpoo"], "loss_type: got 'grpoo'"),
+        (["importance_sampling_level=seq"], "importance_sampling_level: got 'seq', expected one of token, sequence"),
+        (["loss_type=luspo"], "loss_type luspo scales a sequence-level ratio: set importance_sampling_level"),
         (["oversample=13"], "96 prompts, fewer than the 104 a step draws"),
         (["rewards=[exact_match, ppo_rewards:contains_letter_e]", "reward_weights=[1.0]"], "2 rewards"),
         (["rewards=[exact_matc]"], "'exact_matc' is not exact_match, math_verify, a task YAML"),  # not a hub call

@@ -47,7 +47,8 @@ from pipeline.trainers import (
 )
 
 STAGE = "grpo"
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")  # trl 1.16's
+IMPORTANCE_LEVELS = ("token", "sequence")
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -92,7 +93,13 @@ class GRPOConfig:
     max_new_tokens: int = field(64, "Longest sampled answer; a longer one is cut (see mask_truncated).", ge=1)
     temperature: float = field(1.0, "Sampling temperature.", gt=0)
     top_p: float = field(1.0, "Nucleus sampling mass (1: off).", gt=0, le=1)
-    loss_type: str = field("dapo", "Loss aggregation: dapo (token mean over the batch), grpo, dr_grpo, bnpo, ...")
+    loss_type: str = field(
+        "dapo", "Loss: dapo (token mean over the batch), grpo, dr_grpo, bnpo, cispo, sapo, luspo, vespo (trl's)."
+    )
+    importance_sampling_level: str = field(
+        "token", "Importance ratio per token (GRPO) or per answer, length-normalised (sequence: GSPO, which Qwen3 "
+        "was trained with; luspo expects it).",
+    )  # fmt: skip
     scale_rewards: str = field("group", "Divide advantages by the group's std (group), the batch's (batch) or not.")
     beta: float = field(0.0, "KL coefficient to the reference (k3 in the loss); 0: no reference model.", ge=0)
     epsilon: float = field(0.2, "Clip range of the importance ratio (low side; also the high side by default).", gt=0)
@@ -112,6 +119,11 @@ class GRPOConfig:
         problems = []
         if self.loss_type not in LOSS_TYPES:
             problems.append(f"loss_type: got {self.loss_type!r}, expected one of {', '.join(LOSS_TYPES)}")
+        if self.importance_sampling_level not in IMPORTANCE_LEVELS:
+            problems.append(f"importance_sampling_level: got {self.importance_sampling_level!r}, expected one of "
+                            f"{', '.join(IMPORTANCE_LEVELS)}")  # fmt: skip
+        elif self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            problems.append("loss_type luspo scales a sequence-level ratio: set importance_sampling_level: sequence")
         if self.scale_rewards not in SCALE_REWARDS:
             problems.append(f"scale_rewards: got {self.scale_rewards!r}, expected one of {', '.join(SCALE_REWARDS)}")
         if not self.rewards:
@@ -277,7 +289,8 @@ def run(cfg: GRPOConfig) -> dict | None:
     args = TrlGRPOConfig(
         **training_kwargs(train, cfg.precision, checkpoints), num_generations=cfg.num_generations,
         max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-        repetition_penalty=1.0, loss_type=cfg.loss_type, scale_rewards=cfg.scale_rewards, beta=cfg.beta,
+        repetition_penalty=1.0, loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
+        scale_rewards=cfg.scale_rewards, beta=cfg.beta,
         epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, num_iterations=cfg.num_iterations,
         mask_truncated_completions=cfg.mask_truncated, reward_weights=weights, disable_dropout=True,
         log_completions=False, eval_strategy="no",
