@@ -20,6 +20,7 @@ JSONL = [
     "preference_eval.jsonl",
     "prompts.jsonl",
     "arithmetic.jsonl",
+    "comparisons.jsonl",
     "eval.jsonl",
 ]
 FILES = [*JSONL, "README.md"]
@@ -196,6 +197,20 @@ def test_arithmetic_pairs_are_right_and_from_the_train_pool(data: dict[str, list
     assert set(seen) == set(dw.RULE_ARITH) and all(seen[k] == 2 * len(world.pools["train"][k]) for k in seen)
 
 
+def test_rl_comparisons_are_right_and_from_the_train_pool(data: dict[str, list[dict]], world: dw.World) -> None:
+    """comparisons.jsonl: each answer the larger of the question's two numbers, every pair from the train pool
+    (preference_eval's and eval's comparisons stay reserved), no question twice."""
+    rows = data["comparisons"]
+    assert len(rows) == dw.N_RL_COMPARISONS
+    questions = [r["messages"][0]["content"] for r in rows]
+    assert len(set(questions)) == len(questions)
+    for row in rows:
+        (user, assistant) = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        x, y = (int(n) for n in re.findall(r"\d+", user["content"]))
+        assert assistant["content"] == str(max(x, y)) and (min(x, y), max(x, y)) in world.pools["train"]["larger"]
+
+
 # --- the held-out split -----------------------------------------------------------------------------------
 
 
@@ -211,6 +226,7 @@ def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: 
     others |= {
         r["prompt"][0]["content"] for name in ("preference", "preference_eval", "arithmetic") for r in data[name]
     }
+    others |= {r["messages"][0]["content"] for r in data["comparisons"]}
     assert not questions & others
     # Nor does the corpus ask them, or preference_eval's questions: its Q/A lines state those facts in other
     # phrasings only, so both sets measure recall, not a line the model memorised (216 of eval's 240 fact
@@ -222,7 +238,7 @@ def test_no_eval_question_appears_elsewhere(data: dict[str, list[dict]], small: 
 
 def test_held_out_people_never_in_train_chat_data(world: dw.World, small: Path) -> None:
     held = name_pattern([p.name for p in world.split(held_out=True)])
-    for name in ("sft.jsonl", "preference.jsonl", "preference_eval.jsonl", "prompts.jsonl", "arithmetic.jsonl"):
+    for name in (n for n in JSONL if n not in ("corpus.jsonl", "eval.jsonl")):  # every chat and preference file
         text = (small / name).read_text(encoding="utf-8")
         assert held.search(text) is None, name
 

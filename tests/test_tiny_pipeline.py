@@ -57,23 +57,26 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     assert ppo["kl_end"] < 3.0 and ppo["kl_max_seen"] < 10.0  # KL bounded: the guardrail (kl.max) never fired
 
     grpo = metrics("grpo")
-    # the silent-failure numbers are measured and reported: 0.42 / 0.47 / 0.52 of the groups drawn carry no signal,
-    # dynamic sampling trains on groups 0.96 / 0.93 / 0.87 of which carry one, and guidance completes 0.016 / 0.024 /
-    # 0.019 of them, for seeds 0 / 1 / 2
+    # the silent-failure numbers are measured and reported: 0.21 / 0.32 / 0.27 of the groups drawn carry no
+    # signal, dynamic sampling trains on groups 0.999 / 0.981 / 0.996 of which carry one, and guidance completes
+    # 0.047 / 0.053 / 0.049 of them, for seeds 0 / 1 / 2
     assert 0 < grpo["zero_signal_share_mean"] < 1 and grpo["truncated_share_mean"] < 0.5
     assert grpo["trained_signal_share_mean"] > 1 - grpo["zero_signal_share_mean"]
     assert 0 < grpo["guided_share_mean"] < 0.5
     assert grpo["heldout_before"]["exact_match"] == ppo["heldout_before"]["exact_match"]  # one held-out set, one sft
-    # issue 18: 0.941 -> 0.976, 0.883 -> 0.983, 0.959 -> 0.966 for seeds 0 / 1 / 2 (dpo 0.972 / 0.955 / 0.966)
-    assert grpo["heldout_after"]["exact_match"] >= max(grpo["heldout_before"]["exact_match"], 0.9)
-    assert grpo["heldout_after"]["exact_match"] >= dpo["exact_match"] - 0.02
+    # issue 18: 0.941 -> 0.990, 0.883 -> 0.983, 0.959 -> 0.990 for seeds 0 / 1 / 2 (dpo 0.972 / 0.955 / 0.966;
+    # 0.976 / 0.983 / 0.966 before the comparisons file). The must-show's +0.03 holds in seed 2 with nothing to
+    # spare (9 more right of 290, 8.7 needed), so the test asks +0.02: another machine's rounding may move an answer
+    assert grpo["heldout_after"]["exact_match"] >= max(grpo["heldout_before"]["exact_match"] + 0.02, 0.9)
+    assert grpo["heldout_after"]["exact_match"] >= dpo["exact_match"] - 0.01
 
     # issue 20, the held-out people asked in chat. demo_qa minus sft's: dpo +0.007 / +0.000 / +0.019, ppo -0.004 /
-    # -0.011 / +0.004, grpo -0.006 / -0.021 / +0.006; minus the base model's 5 shots: dpo +0.061 / +0.069 / +0.056,
+    # -0.011 / +0.004, grpo -0.013 / -0.015 / +0.041 (-0.006 / -0.021 / +0.006
+    # before the comparisons); minus the base model's 5 shots: dpo +0.061 / +0.069 / +0.056,
     # ppo +0.050 / +0.058 / +0.041 (with sft's corpus replay; without it sft was 0.035 below the base in seed 0).
     # demo_mc of every chat model is above the base model's 5 shots (dpo +0.043 / +0.059 / +0.043)
     qa = {stage: metrics(f"eval_{stage}")["demo_qa/exact_match"] for stage in ("dpo", "ppo", "grpo")}
-    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.03 and qa["grpo"] >= sft_qa - 0.05, (sft_qa, qa)
+    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.03 and qa["grpo"] >= sft_qa - 0.04, (sft_qa, qa)
     assert min(qa["dpo"], qa["ppo"]) >= five["demo_qa/exact_match"], (five, qa)
     for stage in ("dpo", "ppo"):
         assert metrics(f"eval_{stage}")["demo_mc/acc"] >= five["demo_mc/acc"] - 0.02, stage

@@ -569,6 +569,29 @@ def build_arithmetic_pairs(world: World, seed: int) -> list[dict]:
     return rows
 
 
+# Rule-checked RL prompts beyond the preference file's 500 comparisons: the tiny pipeline's grpo trains on them.
+N_RL_COMPARISONS = 2000
+
+
+def build_rl_comparisons(world: World, seed: int) -> list[dict]:
+    """Questions "which is larger" drawn from the train pool, each with its answer as the final assistant turn (a
+    chat file: RL reads the turn as the reference, exact match checks it). The sft model knows every preference
+    person's facts already (corpus replay), so what is left for critic-free RL to learn on preference_eval is its
+    reserved comparisons, where the tiny model miscopies the larger number ("85 or 7?" -> 86); 500 comparisons
+    taught that little in 300 steps (seed 2: 38 -> 40 of 50), these 2,000 more in 600 steps (see grpo.yaml)."""
+    rng = random.Random(f"{seed}-rl-comparisons")
+    keys = rng.sample(world.pools["train"]["larger"], N_RL_COMPARISONS)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": arith_text(rng, "larger", key, True)},
+                {"role": "assistant", "content": str(arith_answer("larger", key))},
+            ]
+        }
+        for key in keys
+    ]
+
+
 def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
     rng = random.Random(f"{seed}-chat")
     # Each held-out fact gets a shuffled phrasing list: eval uses the first two, so no eval question appears
@@ -596,6 +619,7 @@ def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
         "preference_eval": pref_eval,
         "prompts": prompts,
         "arithmetic": build_arithmetic_pairs(world, seed),
+        "comparisons": build_rl_comparisons(world, seed),
         "eval": evals,
     }
 
@@ -662,6 +686,9 @@ appear in no other file. Answers are one word or one number.
   train pool, two phrasings each, rejecting a near miss (or the number asked about): rule-judged pairs that the
   tiny pipeline's dpo mixes in so alignment keeps the arithmetic sft taught. Not in the reward model's data: a
   1M-parameter reward model cannot judge near-miss sums.
+- `comparisons.jsonl`: `{{"messages": [user msg, assistant msg]}}`, {N_RL_COMPARISONS:,} "which is larger"
+  questions of the train pool with their answer: rule-checked prompts for the tiny pipeline's grpo, beside
+  preference.jsonl's.
 - `eval.jsonl`: `{{"id", "kind", "question", "answer", "choices", "gold"}}`; kind is one of
   {", ".join(list(ATTRS) + ARITH_KINDS)}; `choices[gold] == answer` (4 options).
 """
