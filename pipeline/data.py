@@ -225,8 +225,9 @@ def _rename_columns(ds, cfg: DataConfig, required: list[str], source: str):
     if renames:
         ds = ds.rename_columns(renames)
         present = [renames.get(c, c) for c in present]
-    ds = public_layouts(ds, source, present)
-    present = column_names(ds)
+    converted = public_layouts(ds, source, present)
+    if converted is not ds:  # a public layout became trl's: its columns changed
+        ds, present = converted, column_names(converted)
     missing = [c for c in required if c not in present]
     if missing:
         example = f"data.columns.{missing[0]}=<column>"

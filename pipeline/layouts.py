@@ -27,14 +27,13 @@ def public_layouts(ds, source: str, columns: list[str]):
       template renders the turns instead.
     Anything else is returned untouched. A ShareGPT turn from another speaker is an error naming row and speaker.
     `columns`: the dataset's columns (a streaming dataset does not know them before its first row)."""
-    first = next(iter(ds), None) if columns else None
-    if first is None:
-        return ds
     chat_column = next((c for c in ("messages", "conversations") if c in columns), None)
-    if chat_column is not None and _sharegpt_turns(first[chat_column]):
-        return _from_sharegpt(ds, source, chat_column, columns)
-    if chat_column == "conversations" and "messages" not in columns and isinstance(first["conversations"], list):
-        return ds.rename_column("conversations", "messages")  # role/content turns under the other name
+    if chat_column is not None:  # only then is a row read: text corpora and trl layouts pass untouched
+        first = next(iter(ds), None)
+        if first is not None and _sharegpt_turns(first[chat_column]):
+            return _from_sharegpt(ds, source, chat_column, columns)
+        if chat_column == "conversations" and isinstance(first and first["conversations"], list):
+            return ds.rename_column("conversations", "messages")  # role/content turns under the other name
     if "instruction" in columns and not {"messages", "prompt"} & set(columns):
         if "output" in columns or {"chosen", "rejected"} <= set(columns):
             return _from_alpaca(ds, columns)

@@ -437,6 +437,11 @@ def build_sft(world: World, seed: int) -> list[dict]:
     return rows
 
 
+def chat(question: str, answer: str) -> dict:
+    """One question and its answer as a chat row: RL reads the final assistant turn as the reference."""
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
 def pair(question: str, chosen: str, rejected: str) -> dict:
     return {
         "prompt": [{"role": "user", "content": question}],
@@ -541,11 +546,7 @@ def build_preferences(world: World, seed: int) -> tuple[list[dict], list[dict], 
     rng.shuffle(held_out)
     prompts = list(facts)
     random.Random(f"{seed}-prompts").shuffle(prompts)
-    chats = [
-        {"messages": [{"role": "user", "content": it["q"]}, {"role": "assistant", "content": it["a"]}]}
-        for it in prompts
-    ]
-    return train, held_out, chats
+    return train, held_out, [chat(it["q"], it["a"]) for it in prompts]
 
 
 # The skills sft teaches that the preference data leaves out (a reward model cannot judge them), as pairs a rule
@@ -578,18 +579,11 @@ def build_rl_comparisons(world: World, seed: int) -> list[dict]:
     chat file: RL reads the turn as the reference, exact match checks it). The sft model knows every preference
     person's facts already (corpus replay), so what is left for critic-free RL to learn on preference_eval is its
     reserved comparisons, where the tiny model miscopies the larger number ("85 or 7?" -> 86); 500 comparisons
-    taught that little in 300 steps (seed 2: 38 -> 40 of 50), these 2,000 more in 600 steps (see grpo.yaml)."""
+    taught that little in 300 steps (seed 2: 38 -> 40 of 50), these 2,000 more took it to 47 in 900 steps
+    (configs/tiny/pipeline.yaml; the sweep is in configs/tiny/grpo.yaml)."""
     rng = random.Random(f"{seed}-rl-comparisons")
     keys = rng.sample(world.pools["train"]["larger"], N_RL_COMPARISONS)
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": arith_text(rng, "larger", key, True)},
-                {"role": "assistant", "content": str(arith_answer("larger", key))},
-            ]
-        }
-        for key in keys
-    ]
+    return [chat(arith_text(rng, "larger", key, True), str(arith_answer("larger", key))) for key in keys]
 
 
 def build_chat_data(world: World, seed: int) -> dict[str, list[dict]]:
