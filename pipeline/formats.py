@@ -174,10 +174,15 @@ PROMPT_COLUMNS = ("prompt", "messages", "question", "problem")  # the first pres
 
 
 def load_prompt_rows(
-    cfg: DataConfig, reference_key: str | None = None, rewards: list[str] = (), chat: bool = False
+    cfg: DataConfig,
+    reference_key: str | None = None,
+    rewards: list[str] = (),
+    chat: bool = False,
+    source_rewards: list[list[str]] | None = None,
 ) -> list[dict]:
-    """Each distinct prompt once, in file order, with its reference answer if the rows have one:
-    `[{"prompt": str or message list, "reference": str or None}]`.
+    """Each distinct prompt once, in file order, with its reference answer if the rows have one and the index of
+    the data.path entry it came from (its first, where two files ask it):
+    `[{"prompt": str or message list, "reference": str or None, "source": int}]`.
 
     Prompts: a `prompt` column, or `messages` without its final assistant turn (which is then the reference), or
     else a `question` or `problem` column (the GSM8K and MATH layouts; any other: map it with data.columns).
@@ -185,16 +190,18 @@ def load_prompt_rows(
     with None the first of REFERENCE_COLUMNS present (`chosen` of a preference file: its first row per prompt).
     `rewards` (the reward entries or judge that will score answers to these prompts): a rule or task among them
     makes a missing reference an error naming the columns present, and references it cannot score (worked
-    solutions under exact_match) an error saying what to use. With `chat` (the model has a chat template) a
+    solutions under exact_match) an error saying what to use; `source_rewards` says it per data.path entry instead
+    (a source scored by a reward model alone needs no reference). With `chat` (the model has a chat template) a
     `question` or `problem` is asked as one user turn, as a chat model is asked: those columns hold the bare
     problem, where a `prompt` string is the text the model continues, as trl reads it."""
     from pipeline.rewards import needs_reference, worked_solutions_problem
 
-    want_reference = any(needs_reference(r) for r in rewards)
-    sources = [(where, *_prompts_and_references(ds, where, reference_key, chat, want_reference))
-               for where, ds in _prompt_sources(cfg)]  # fmt: skip
+    loaded = _prompt_sources(cfg)  # fewer than data.path's entries where max_examples ran out
+    per_source = source_rewards[: len(loaded)] if source_rewards is not None else [list(rewards)] * len(loaded)
     rows: dict[str, dict] = {}
-    for where, prompts, references, key in sources:
+    for number, ((where, ds), scorers) in enumerate(zip(loaded, per_source, strict=True)):
+        want_reference = any(needs_reference(r) for r in scorers)
+        prompts, references, key = _prompts_and_references(ds, where, reference_key, chat, want_reference)
         for index, prompt in enumerate(prompts):
             if not prompt or not isinstance(prompt, (str, list)):
                 raise UserError(f"data: {where}: row {index} has an empty prompt or one that is not text/messages")
@@ -202,11 +209,11 @@ def load_prompt_rows(
             if want_reference and not reference:
                 raise UserError(f"data: {where}: row {index} has no reference answer"
                                 + (f" in column {key!r}" if key else ""))  # fmt: skip
-            rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None})
-    found = [r["reference"] for r in rows.values()]
-    for reward in rewards:
-        if problem := worked_solutions_problem(reward, found, f"data: {cfg.path}"):
-            raise UserError(problem)
+            rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None, "source": number})
+        found = [references[i] for i in range(len(prompts))] if references is not None else []
+        for reward in scorers:
+            if found and (problem := worked_solutions_problem(reward, found, f"data: {where}")):
+                raise UserError(problem)
     return list(rows.values())
 
 

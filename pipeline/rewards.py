@@ -240,3 +240,28 @@ def task_scorer(path: str):
         return [0.0 if r is None else task_answer_score(spec, t, r) for t, r in zip(texts, references, strict=True)]
 
     return score
+
+
+ROUTES = ("model", "function", "sum")  # what scores a prompt when a run has a reward model and a reward function
+
+
+def routed_scores(prompts: list, texts: list[str], references: list, routes: list[str], model_scorer,
+                  function_scorer, function_weight: float = 1.0) -> tuple[list, list]:  # fmt: skip
+    """Each answer's reward by its prompt's route: the reward model's score ('model'), the reward function's times
+    `function_weight` ('function'), or both added ('sum': open-instruct's RLVR adds a verifiable reward to the
+    reward model's score). Each scorer is called once, on the rows routed to it only. Returns the rewards and
+    each row's unweighted function score (None where the function did not score it): how often the verifiable
+    prompts were answered right."""
+    rewards, verified = [0.0] * len(texts), [None] * len(texts)
+    for name, scorer in (("model", model_scorer), ("function", function_scorer)):
+        rows = [i for i, route in enumerate(routes) if route in (name, "sum")]
+        if not rows:
+            continue
+        if scorer is None:
+            raise ValueError(f"{len(rows)} prompt(s) routed to the reward {name}, but the run has none")
+        scores = scorer([prompts[i] for i in rows], [texts[i] for i in rows], references=[references[i] for i in rows])
+        for i, score in zip(rows, scores, strict=True):
+            rewards[i] += function_weight * score if name == "function" else score
+            if name == "function":
+                verified[i] = score
+    return rewards, verified

@@ -131,27 +131,27 @@ def test_rl_prompts_from_gsm8k_math_and_chat_layouts(tmp_path):
 
     gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "Tom has 3 apples...", "answer": "3 + 4 = 7\n#### 7"}])
     assert load_prompt_rows(DataConfig(path=str(gsm8k)), rewards=["math_verify"]) == [
-        {"prompt": "Tom has 3 apples...", "reference": "3 + 4 = 7\n#### 7"}]  # fmt: skip
+        {"prompt": "Tom has 3 apples...", "reference": "3 + 4 = 7\n#### 7", "source": 0}]  # fmt: skip
     math = write_jsonl(tmp_path / "math.jsonl", [{"problem": "1+1?", "solution": "\\boxed{2}", "level": "1"}])
-    assert load_prompt_rows(DataConfig(path=str(math))) == [{"prompt": "1+1?", "reference": "\\boxed{2}"}]
+    assert load_prompt_rows(DataConfig(path=str(math))) == [{"prompt": "1+1?", "reference": "\\boxed{2}", "source": 0}]
     # a chat model is asked the bare question as its user turn (a `prompt` string stays the text it continues)
     asked = [r["prompt"] for p in (gsm8k, math) for r in load_prompt_rows(DataConfig(path=str(p)), chat=True)]
     assert asked == [[{"role": "user", "content": "Tom has 3 apples..."}], [{"role": "user", "content": "1+1?"}]]
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": turns}])
     assert load_prompt_rows(DataConfig(path=str(chats))) == [
-        {"prompt": [{"role": "user", "content": "hi"}], "reference": "hello"}]  # fmt: skip
+        {"prompt": [{"role": "user", "content": "hi"}], "reference": "hello", "source": 0}]  # fmt: skip
     rlvr = [{"messages": [{"role": "user", "content": "2+2?"}], "ground_truth": "4", "dataset": "gsm8k"}]
     rlvr = write_jsonl(tmp_path / "rlvr.jsonl", rlvr)  # open-instruct's RLVR layout: the user turn alone
     assert load_prompt_rows(DataConfig(path=str(rlvr)), rewards=["exact_match"]) == [
-        {"prompt": [{"role": "user", "content": "2+2?"}], "reference": "4"}]  # fmt: skip
+        {"prompt": [{"role": "user", "content": "2+2?"}], "reference": "4", "source": 0}]  # fmt: skip
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Say hi.", "output": "hi"}])
     mapped = DataConfig(path=str(alpaca), columns={"prompt": "instruction", "answer": "output"})
-    assert load_prompt_rows(mapped) == [{"prompt": "Say hi.", "reference": "hi"}]
-    assert load_prompt_rows(mapped, chat=True) == [{"prompt": "Say hi.", "reference": "hi"}]
+    assert load_prompt_rows(mapped) == [{"prompt": "Say hi.", "reference": "hi", "source": 0}]
+    assert load_prompt_rows(mapped, chat=True) == [{"prompt": "Say hi.", "reference": "hi", "source": 0}]
     # unmapped, an Alpaca row is a chat: its instruction the user turn, its output the reference
     assert load_prompt_rows(DataConfig(path=str(alpaca))) == [
-        {"prompt": [{"role": "user", "content": "Say hi."}], "reference": "hi"}]  # fmt: skip
+        {"prompt": [{"role": "user", "content": "Say hi."}], "reference": "hi", "source": 0}]  # fmt: skip
     odd = write_jsonl(tmp_path / "odd.jsonl", [{"query": "Say hi.", "response": "hi"}])
     with pytest.raises(UserError, match=r"odd\.jsonl has no `prompt`.*\['query', 'response'\].*data\.columns"):
         load_prompt_rows(DataConfig(path=str(odd)))
@@ -173,6 +173,7 @@ def test_rl_prompts_mix_sources_of_different_layouts(tmp_path):
     # each file in its own layout: the chat's last turn, the pair's chosen reply, the GSM8K answer are the references
     rows = load_prompt_rows(DataConfig(path=[str(chats), str(pairs), str(gsm8k)]), chat=True)
     assert [r["reference"] for r in rows] == ["miller", "1", "2", "3", "4", "#### 4"]
+    assert [r["source"] for r in rows] == [0, 1, 1, 1, 1, 2]  # which data.path entry: ppo's reward_by_source
     assert rows[0]["prompt"] == user and rows[-1]["prompt"] == [{"role": "user", "content": "2+2?"}]
     # max_examples counts the rows of all the files in order; a mixture cuts each source to its weight
     assert len(load_prompt_rows(DataConfig(path=[str(chats), str(pairs)], max_examples=3))) == 3
@@ -182,6 +183,11 @@ def test_rl_prompts_mix_sources_of_different_layouts(tmp_path):
     bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": "Say hi."}])
     with pytest.raises(UserError, match=r"bare\.jsonl has no reference answers"):
         load_prompt_rows(DataConfig(path=[str(chats), str(bare)]), rewards=["exact_match"])
+    # rewards per source: one the reward model alone scores needs no reference
+    routed = load_prompt_rows(DataConfig(path=[str(chats), str(bare)]), source_rewards=[["exact_match"], []])
+    assert [(r["reference"], r["source"]) for r in routed] == [("miller", 0), (None, 1)]
+    with pytest.raises(UserError, match=r"bare\.jsonl has no reference answers"):
+        load_prompt_rows(DataConfig(path=[str(chats), str(bare)]), source_rewards=[[], ["exact_match"]])
 
 
 def _h4_row(i: int, answer: str = "Blue.", prompt: str | None = None) -> dict:
@@ -273,7 +279,7 @@ def test_sharegpt_and_alpaca_layouts_read_as_chats_in_every_loader(tmp_path):
                                             "rejected": _turns(("assistant", "5"))}, path  # fmt: skip
 
     rows = load_prompt_rows(DataConfig(path=str(sharegpt)), rewards=["exact_match"])
-    assert rows[0] == {"prompt": asked, "reference": "6"} and rows[1]["reference"] == "Hello"
+    assert rows[0] == {"prompt": asked, "reference": "6", "source": 0} and rows[1]["reference"] == "Hello"
 
     tool = [{"conversations": _sharegpt(("human", "Hi"), ("gpt", "Hello"))},
             {"conversations": _sharegpt(("human", "Weather?"), ("function_call", "{}"))}]  # fmt: skip

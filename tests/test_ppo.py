@@ -792,6 +792,47 @@ def test_rule_rewards_get_each_prompts_reference(tmp_path, tiny_policy, rule_rew
     assert refused.returncode == 2 and "no reference answers" in refused.stderr, refused.stderr[-2000:]
 
 
+def test_a_reward_model_and_a_rule_score_the_prompts_routed_to_each(tmp_path, tiny_policy, rule_reward_path):
+    """reward_by_source [sum, model]: the first file's answers get the reward model's score plus the weighted rule
+    (its reference length), the second's the reward model's alone, and the second needs no reference."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.rewards import score_pairs
+
+    torch.manual_seed(0)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_policy, num_labels=1)
+    reward_model.config.pad_token_id = AutoTokenizer.from_pretrained(tiny_policy).pad_token_id
+    reward_model.save_pretrained(tmp_path / "rm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy)
+    tokenizer.save_pretrained(tmp_path / "rm")
+    rows = [[{"role": "user", "content": f"Spell item {i}."}, {"role": "assistant", "content": "x" * (1 + i % 3)}]
+            for i in range(16)]  # fmt: skip
+    checked = write_jsonl(tmp_path / "checked.jsonl", [{"messages": turns} for turns in rows])
+    open_ended = write_jsonl(tmp_path / "open.jsonl", [{"prompt": [{"role": "user", "content": f"Tell me about {i}."}]}
+                                                      for i in range(16)])  # fmt: skip
+    out = tmp_path / "routed"
+    result = run_cli(*ppo_args(out, tiny_policy, checked, f"data.path=[{checked}, {open_ended}]",
+                               f"reward_model={tmp_path / 'rm'}", "reward_function=ppo_rewards:reference_length",
+                               "reward_by_source=[sum, model]", "reward_function_weight=2", "value_model=reward",
+                               "train.steps=1", "sample_every=1", "samples_per_log=32"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32
+    expected = score_pairs(reward_model.eval(), tokenizer, [s["prompt"] for s in samples],
+                           [[{"role": "assistant", "content": s["response"]}] for s in samples])  # fmt: skip
+    kinds = set()
+    for sample, model_score in zip(samples, expected, strict=True):
+        words = sample["prompt"][0]["content"].split()
+        rule = 2 * (1 + int(words[-1].rstrip(".")) % 3) if words[0] == "Spell" else 0
+        kinds.add(words[0])
+        assert abs(sample["score"] - (model_score + rule)) < 1e-4, (sample, model_score, rule)
+    assert kinds == {"Spell", "Tell"}
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["prompts_by_reward"] == {"model": 16, "sum": 16}
+    assert 1 <= metrics["function_score_end"] <= 3  # the unweighted rule's mean over the rows it scored
+
+
 def test_kl_guardrail_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_policy, prompts, rule_reward_path):
     out = tmp_path / "guard"
     result = run_cli(*ppo_args(out, tiny_policy, prompts, "kl.max=0.01", "checkpoint_every=1", "train.steps=4"))
@@ -803,9 +844,15 @@ def test_kl_guardrail_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_po
 
 def test_bad_config_and_data_are_refused_before_compute(tmp_path, tiny_policy, prompts):
     out = tmp_path / "bad"
-    both = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_model=x", "kl.estimator=k2"))
-    assert both.returncode == 2 and "exactly one of reward_model and reward_function" in both.stderr
-    assert "expected k1 or k3" in both.stderr
+    neither = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_function=null", "kl.estimator=k2"))
+    assert neither.returncode == 2 and "set reward_model, reward_function or both" in neither.stderr
+    assert "expected k1 or k3" in neither.stderr
+    routes = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_model=x", "reward_by_source=[model, rule]"))
+    assert routes.returncode == 2
+    assert "reward_by_source: 'rule' is not one of model, function, sum" in routes.stderr, routes.stderr[-2000:]
+    assert "reward_by_source: 2 value(s) for 1 data.path entries" in routes.stderr
+    alone = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_by_source=[function]"))
+    assert alone.returncode == 2 and "set both reward_model and reward_function" in alone.stderr
     missing = run_cli(*ppo_args(out, tiny_policy, prompts, "reward_function=nowhere:nothing"))
     assert missing.returncode == 2 and "cannot import 'nowhere:nothing'" in missing.stderr
     loo = run_cli(*ppo_args(out, tiny_policy, prompts, "train.score_baseline=loo"))

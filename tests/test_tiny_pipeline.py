@@ -50,9 +50,12 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     pairs = metrics("pairs")
     assert pairs["pairs"] > 1500 and 0 < pairs["mean_score"] < pairs["best_of_n_mean_score"]
     ppo = metrics("ppo")
-    # exact match 0.941 -> 0.966, 0.883 -> 0.934, 0.959 -> 0.959 (seed 2's sft model answers nearly all already:
-    # nothing left to learn, KL 0.007)
-    assert ppo["heldout_after"]["exact_match"] >= max(ppo["heldout_before"]["exact_match"] - 0.02, 0.85)
+    # the reward model on the facts, the exact-match rule on comparisons and arithmetic: held-out exact match 0.941 ->
+    # 0.979, 0.883 -> 0.941, 0.959 -> 0.972 (the reward model alone: 0.966, 0.934, 0.959); the rule's share of right
+    # answers rises in every seed
+    assert ppo["heldout_after"]["exact_match"] >= max(ppo["heldout_before"]["exact_match"], 0.85)
+    assert ppo["prompts_by_reward"] == {"model": 480, "function": 2284}
+    assert ppo["function_score_end"] > ppo["function_score_start"]
     assert ppo["heldout_after"]["reward"] > ppo["heldout_before"]["reward"] - 0.2
     assert ppo["kl_end"] < 3.0 and ppo["kl_max_seen"] < 10.0  # KL bounded: the guardrail (kl.max) never fired
 
@@ -70,13 +73,14 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
     assert grpo["heldout_after"]["exact_match"] >= max(grpo["heldout_before"]["exact_match"] + 0.02, 0.9)
     assert grpo["heldout_after"]["exact_match"] >= dpo["exact_match"] - 0.01
 
-    # issue 20, the held-out people asked in chat. demo_qa minus sft's: dpo +0.007 / +0.000 / +0.019, ppo -0.004 /
-    # -0.011 / +0.004, grpo -0.013 / -0.015 / +0.041 (-0.006 / -0.021 / +0.006
-    # before the comparisons); minus the base model's 5 shots: dpo +0.061 / +0.069 / +0.056,
-    # ppo +0.050 / +0.058 / +0.041 (with sft's corpus replay; without it sft was 0.035 below the base in seed 0).
-    # demo_mc of every chat model is above the base model's 5 shots (dpo +0.043 / +0.059 / +0.043)
+    # issue 20, the held-out people asked in chat. demo_qa minus sft's: dpo +0.007 / +0.000 / +0.020, ppo +0.020 /
+    # +0.015 / +0.022 (-0.004 / -0.011 / +0.004 with the reward model alone: the rule's comparisons carry it),
+    # grpo -0.013 / -0.015 / +0.041; minus the base model's 5 shots: dpo +0.061 / +0.070 / +0.057, ppo +0.074 /
+    # +0.085 / +0.059 (with sft's corpus replay; without it sft was 0.035 below the base in seed 0). demo_mc of
+    # every chat model is above the base model's 5 shots (dpo +0.043 / +0.059 / +0.043). dpo equals sft in seed 1,
+    # so the test leaves it 0.01 (5 answers of 460) for another machine's rounding; ppo must stay above sft
     qa = {stage: metrics(f"eval_{stage}")["demo_qa/exact_match"] for stage in ("dpo", "ppo", "grpo")}
-    assert min(qa["dpo"], qa["ppo"]) >= sft_qa - 0.03 and qa["grpo"] >= sft_qa - 0.04, (sft_qa, qa)
+    assert qa["ppo"] >= sft_qa + 0.005 and qa["dpo"] >= sft_qa - 0.01 and qa["grpo"] >= sft_qa - 0.04, (sft_qa, qa)
     assert min(qa["dpo"], qa["ppo"]) >= five["demo_qa/exact_match"], (five, qa)
     for stage in ("dpo", "ppo"):
         assert metrics(f"eval_{stage}")["demo_mc/acc"] >= five["demo_mc/acc"] - 0.02, stage

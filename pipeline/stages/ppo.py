@@ -5,11 +5,11 @@
 
 trl 1.16 has no PPO trainer, so the loop is ours, following Huang et al. 2024 ("The N+ Implementation Details of
 RLHF with PPO"); the tensor arithmetic (KL, GAE, losses) lives in pipeline/rl/core.py. One step: each process
-samples responses to its own prompts, scores them (reward model, or a rule given each prompt's reference answer;
-a penalty when no stop token came), adds a per-token KL penalty to the reference, computes GAE advantages, then
-runs `ppo_epochs` passes of clipped policy and value updates over minibatches. The prompt order is a pure function
-of (seed, step), and each step's sampling is seeded by (seed, step, rank), so `resume: auto` continues the same
-run.
+samples responses to its own prompts, scores them (a reward model; a rule given each prompt's reference answer; or
+both, added or each data file's prompts routed to one; a penalty when no stop token came), adds a per-token KL
+penalty to the reference, computes GAE advantages, then runs `ppo_epochs` passes of clipped policy and value
+updates over minibatches. The prompt order is a pure function of (seed, step), and each step's sampling is seeded
+by (seed, step, rank), so `resume: auto` continues the same run.
 
 Produces `output_dir/model/` (AutoModelForCausalLM), `checkpoints/step_N/`, `metrics.jsonl` (one line per step),
 `samples.jsonl` (prompt/response/score rows every `sample_every` steps) and a manifest with held-out exact match
@@ -27,25 +27,19 @@ from pipeline.artifacts import atomic_dir, begin_stage, write_manifest
 from pipeline.batches import BlockSampler
 from pipeline.checkpoints import find_resume_point, load_checkpoint, save_checkpoint
 from pipeline.config import DataConfig, UserError, config, field
-from pipeline.data import pack_dataset, stage_inputs
+from pipeline.data import stage_inputs
 from pipeline.distributed import launch_facts, make_accelerator, world_size
 from pipeline.formats import load_documents, load_prompt_rows, load_reference_answers, overlap_problem
 from pipeline.generation import encode_prompts, heldout_metrics, rollout, take_rows
 from pipeline.modeling import (
     LoraSection,
-    load_pretrained,
     model_and_tokenizer,
-    peft_config,
-    resolve_model_path,
     save_model,
-    whole_weights,
 )
-from pipeline.rewards import load_reward_function, reward_scorer
+from pipeline.rewards import ROUTES, load_reward_function, routed_scores
 from pipeline.rl.core import KLController, groups_with_signal, pick_groups
-from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_critic, with_value_head
 from pipeline.rl.ppo import (
     KLSection,
-    Models,
     PPOTrainConfig,
     PtxSection,
     RolloutSection,
@@ -55,6 +49,7 @@ from pipeline.rl.ppo import (
     step_metrics,
     step_seed,
 )
+from pipeline.rl.ppo_setup import build_models, ptx_batches
 from pipeline.tracking import MetricsLog, log
 
 STAGE = "ppo"
@@ -68,10 +63,19 @@ class PPOConfig:
     trust_remote_code: bool = field(False, "Allow models that ship their own Python code. Off: safe.")
     reward_model: str | None = field(None, "A reward stage folder or any sequence-classification model (1 score).")
     reward_function: str | None = field(
-        None, "Instead of a reward model: exact_match (the answer equals the prompt's reference after strip(): 1, "
-        "else 0), math_verify (its final value equals the reference's) or 'module:function' taking "
+        None, "Instead of, or beside, a reward model: exact_match (the answer equals the prompt's reference after "
+        "strip(): 1, else 0), math_verify (its final value equals the reference's) or 'module:function' taking "
         "(prompts, responses[, references=]) -> one float per response.",
     )  # fmt: skip
+    reward_by_source: list[str] | None = field(
+        None, "With both reward_model and reward_function: what scores each data.path entry's prompts, one per "
+        "entry: model, function, or sum (the model's score plus the function's, as open-instruct's RLVR adds a "
+        "verifiable reward to a reward model's); e.g. [model, function] for chat prompts and math problems. "
+        "None: sum on every prompt.",
+    )  # fmt: skip
+    reward_function_weight: float = field(
+        1.0, "The reward function's score times this, beside a reward model's (open-instruct's RLVR: 10).", gt=0
+    )
     reference_key: str | None = field(
         None, "Column of data with each prompt's reference answer for reward_function (None: the final "
         "assistant turn of `messages`, else the first of chosen, answer, reference, solution present).",
@@ -105,9 +109,21 @@ class PPOConfig:
 
     def check(self) -> list[str]:
         problems = []
-        if (self.reward_model is None) == (self.reward_function is None):
-            problems.append("set exactly one of reward_model and reward_function "
-                            f"(got {self.reward_model!r} and {self.reward_function!r})")  # fmt: skip
+        if self.reward_model is None and self.reward_function is None:
+            problems.append("set reward_model, reward_function or both (both are null)")
+        paths = self.data.path if isinstance(self.data.path, list) else [self.data.path]
+        if self.reward_by_source is not None:
+            if self.reward_model is None or self.reward_function is None:
+                problems.append("reward_by_source routes prompts between a reward model and a reward function: set "
+                                "both reward_model and reward_function, or leave reward_by_source null")  # fmt: skip
+            if len(self.reward_by_source) != len(paths):
+                problems.append(f"reward_by_source: {len(self.reward_by_source)} value(s) for {len(paths)} data.path "
+                                "entries; give one per entry")  # fmt: skip
+            problems += [f"reward_by_source: {r!r} is not one of {', '.join(ROUTES)}"
+                         for r in self.reward_by_source if r not in ROUTES]  # fmt: skip
+            if self.data.streaming and len(set(self.reward_by_source)) > 1:
+                problems.append("reward_by_source: data.streaming reads data.path's files as one stream, so they "
+                                "cannot be scored differently; set data.streaming: false")  # fmt: skip
         if self.value_model == "reward" and self.reward_model is None:
             problems.append("value_model 'reward' needs a reward_model; use value_model: policy")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -135,66 +151,24 @@ Config = PPOConfig
 # --- prompts and held-out questions ------------------------------------------------------------------------------
 
 
-def load_prompts(cfg: PPOConfig, chat: bool) -> tuple[list, list]:
+def source_routes(cfg: PPOConfig) -> list[str]:
+    """What scores each data.path entry's prompts (rewards.ROUTES): reward_by_source, else the one reward set, or
+    the sum of both."""
+    paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
+    if cfg.reward_by_source is not None:
+        return list(cfg.reward_by_source)
+    return [("sum" if cfg.reward_function else "model") if cfg.reward_model else "function"] * len(paths)
+
+
+def load_prompts(cfg: PPOConfig, chat: bool) -> tuple[list, list, list]:
     """Prompts as message lists or strings (load_prompt_rows: `prompt`, `messages` without the final assistant turn,
     `question` or `problem`, asked as a user turn to a chat model), each distinct prompt once, in file order (a
-    preference file repeats a prompt for every pair), and each one's reference answer (None where the rows have
-    none); exact_match and math_verify as the reward need one on every row."""
-    rewards = [cfg.reward_function] if cfg.reward_function else []
-    rows = load_prompt_rows(cfg.data, cfg.reference_key, rewards, chat=chat)
-    return [row["prompt"] for row in rows], [row["reference"] for row in rows]
-
-
-# --- models: policy, reference, critic (its kind decided once) ----------------------------------------------------
-
-
-def build_models(cfg: PPOConfig, tokenizer, policy_path: str, accelerator):
-    """Policy (+ LoRA), frozen reference, scorer and critic; the policy and its critic joined as one module
-    (rl.policy.with_critic, with_value_head) and prepared with one AdamW of two learning rates. Every model is
-    built whole on each process (modeling.whole_weights: new heads and adapters start as one process's do);
-    DeepSpeed then partitions what it prepares, and the frozen reference and reward model stay whole copies.
-    Returns (models, optimizer, scorer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    train, device = cfg.train, accelerator.device
-    torch.manual_seed(train.seed)
-    with whole_weights():
-        policy = load_pretrained(AutoModelForCausalLM, policy_path, cfg.trust_remote_code, "init_from")
-        reference = None
-        if cfg.lora.enabled:  # the reference is the same weights with the adapters switched off: one frozen base
-            from peft import get_peft_model
-
-            policy = get_peft_model(policy, peft_config(cfg.lora))
-        else:
-            reference = load_pretrained(AutoModelForCausalLM, policy_path, cfg.trust_remote_code, "init_from")
-            disable_dropout(reference)
-            reference.to(device).eval().requires_grad_(False)
-        disable_dropout(policy)
-        scorer = reward_scorer(cfg.reward_model, cfg.reward_function, cfg.trust_remote_code, device)
-        source = critic_source(cfg.value_model, cfg.reward_model)
-        if source == "head":  # one module: DDP must see the trunk once
-            policy = with_value_head(policy)
-        elif source != "none":
-            value_path = {"reward": cfg.reward_model and resolve_model_path(cfg.reward_model), "policy": policy_path}
-            value_model = load_pretrained(AutoModelForSequenceClassification,
-                                          resolve_model_path(value_path.get(source, source)),
-                                          cfg.trust_remote_code, "value_model", num_labels=1)  # fmt: skip
-            value_model.config.pad_token_id = tokenizer.pad_token_id
-            disable_dropout(value_model)
-            policy = with_critic(policy, make_critic(value_model))
-    critic = set(map(id, policy.critic_parameters())) if source != "none" else set()
-    groups = [[p for p in policy.parameters() if p.requires_grad and id(p) not in critic],
-              [p for p in policy.parameters() if id(p) in critic]]  # fmt: skip
-    lrs = [{"params": groups[0], "lr": train.policy_lr}, {"params": groups[1], "lr": train.value_lr}]
-    optimizer = torch.optim.AdamW([g for g in lrs if g["params"]], weight_decay=0.0, eps=1e-5)
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:  # what DeepSpeed cannot read from a loop without a DataLoader
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-        plugin.deepspeed_config["gradient_clipping"] = train.grad_clip or 0.0
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    policy.train()  # dropout is off, so train mode changes nothing but what peft/DDP expect
-    return Models(accelerator, policy, reference, source), optimizer, scorer
+    preference file repeats a prompt for every pair), each one's reference answer (None where the rows have
+    none; exact_match and math_verify need one on every prompt they score) and its route (source_routes)."""
+    routes = source_routes(cfg)
+    needs = [[cfg.reward_function] if route != "model" else [] for route in routes]
+    rows = load_prompt_rows(cfg.data, cfg.reference_key, chat=chat, source_rewards=needs)
+    return [row["prompt"] for row in rows], [row["reference"] for row in rows], [routes[r["source"]] for r in rows]
 
 
 # --- run ---------------------------------------------------------------------------------------------------------
@@ -209,14 +183,15 @@ def run(cfg: PPOConfig) -> dict | None:
     # A2: pad may equal EOS (Llama 3, SmolLM, Qwen base models): every mask here is built from positions (left
     # padding from prompt lengths, the response up to its first stop token), never from `ids != pad`
     policy_path, tokenizer = model_and_tokenizer(cfg.init_from, cfg.tokenizer, cfg.trust_remote_code, True)
-    prompts, references = load_prompts(cfg, chat=bool(tokenizer.chat_template))
+    prompts, references, routes = load_prompts(cfg, chat=bool(tokenizer.chat_template))
     if any(isinstance(p, list) for p in prompts) and not tokenizer.chat_template:
         raise UserError(f"tokenizer of {cfg.init_from} has no chat template, but the prompts are conversations")
     prompt_ids = encode_prompts(tokenizer, prompts)
     keep = [i for i, ids in enumerate(prompt_ids) if len(ids) <= cfg.rollout.max_prompt_length]
     if not keep:
         raise UserError(f"data: every prompt is longer than rollout.max_prompt_length {cfg.rollout.max_prompt_length}")
-    prompts, prompt_ids, references = ([items[i] for i in keep] for items in (prompts, prompt_ids, references))
+    prompts, prompt_ids, references, routes = ([items[i] for i in keep]
+                                               for items in (prompts, prompt_ids, references, routes))  # fmt: skip
     eval_rows = load_reference_answers(cfg.eval_data, cfg.eval_max) if cfg.eval_data is not None else []
     problem = overlap_problem("eval_data", prompts, eval_rows, cfg.data.path)
     if problem:
@@ -241,7 +216,7 @@ def run(cfg: PPOConfig) -> dict | None:
         begin_stage(out, cfg, fresh=resume_from is None)  # a fresh run never leaves an older run's steps behind
 
     # --- models, controller, resume point, held-out numbers before training
-    models, optimizer, scorer = build_models(cfg, tokenizer, policy_path, accelerator)
+    models, optimizer, (model_scorer, function_scorer) = build_models(cfg, tokenizer, policy_path, accelerator)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in models.causal_lm().parameters() if p.requires_grad)
     critic = "no critic" if models.critic_source == "none" else f"critic from {models.critic_source}"
     log(f"{len(prompts)} prompts ({len(keep)} kept), {world} process(es) x {per_rank} per step; policy "
@@ -254,7 +229,12 @@ def run(cfg: PPOConfig) -> dict | None:
         kl_controller.load_state_dict(state["kl_controller"])
         log(f"resumed from {resume_from} at step {start_step}", STAGE)
     before = state.get("heldout_before")
-    evaluate = functools.partial(heldout_metrics, tokenizer=tokenizer, rows=eval_rows, scorers={"reward": scorer},
+    verifiable = any(route != "model" for route in routes)  # the function's right-answer rate is logged apart
+    score = functools.partial(routed_scores, model_scorer=model_scorer, function_scorer=function_scorer,
+                              function_weight=cfg.reward_function_weight)  # fmt: skip
+    # held-out "reward": the reward model's score where there is one (the function's is the exact match beside it)
+    evaluate = functools.partial(heldout_metrics, tokenizer=tokenizer, rows=eval_rows,
+                                 scorers={"reward": model_scorer or function_scorer},
                                  max_new_tokens=cfg.eval_max_new_tokens, accelerator=accelerator)  # fmt: skip
     if before is None and eval_rows:
         before = evaluate(models.causal_lm())
@@ -267,7 +247,7 @@ def run(cfg: PPOConfig) -> dict | None:
     groups = per_rank // n_samples  # prompts a step trains on, per process; oversample x that many are sampled
     sampler = BlockSampler(len(prompts), train.seed, groups * cfg.rollout.oversample, world, 1)
     seconds = state.get("seconds", {"rollout": 0.0, "scoring": 0.0, "update": 0.0, "generated_tokens": 0})
-    ptx = ptx_batches(cfg, ptx_docs, tokenizer, world, rank, device) if ptx_docs is not None else None
+    ptx = None if ptx_docs is None else ptx_batches(cfg.ptx, train.seed, ptx_docs, tokenizer, world, rank, device)
 
     # --- train: rollout, scoring, update, metrics
     for step in range(start_step, train.steps):
@@ -280,9 +260,15 @@ def run(cfg: PPOConfig) -> dict | None:
                             group=n_samples)  # fmt: skip
         t1 = time.perf_counter()
         texts = tokenizer.batch_decode(batch["responses"], skip_special_tokens=True)
-        scores = scorer([prompts[i] for i in indices], texts, references=[references[i] for i in indices])
+        scores, verified = score([prompts[i] for i in indices], texts, [references[i] for i in indices],
+                                 [routes[i] for i in indices])  # fmt: skip
         raw_scores = torch.tensor(scores, dtype=torch.float32)
         drawn = {"reward": raw_scores.mean()}
+        if verifiable:  # over every process's function-scored samples: the same number on each
+            right = [v for v in verified if v is not None]
+            right = torch.tensor([sum(right), len(right)], device=device, dtype=torch.float32)
+            total = accelerator.reduce(right, "sum")
+            drawn["function_score"] = total[0] / total[1].clamp(min=1)
         if n_samples > 1:
             signal = groups_with_signal(raw_scores, n_samples)
             kept_groups = pick_groups(signal, groups)
@@ -345,6 +331,9 @@ def run(cfg: PPOConfig) -> dict | None:
             "kl_coef_end": kl_controller.coef, "no_eos_share_end": _mean(history[-window:], "no_eos_share"),
             **({"ptx_loss_start": _mean(history[:window], "ptx_loss"),
                 "ptx_loss_end": _mean(history[-window:], "ptx_loss")} if ptx else {}),
+            **({"function_score_start": _mean(history[:window], "function_score"),
+                "function_score_end": _mean(history[-window:], "function_score")} if verifiable else {}),
+            "prompts_by_reward": {route: routes.count(route) for route in ROUTES if route in routes},
             "heldout_before": before, "heldout_after": after,
             "rollout_seconds": seconds["rollout"], "scoring_seconds": seconds["scoring"],
             "update_seconds": seconds["update"],
@@ -362,25 +351,6 @@ def run(cfg: PPOConfig) -> dict | None:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def ptx_batches(cfg: PPOConfig, docs, tokenizer, world: int, rank: int, device):
-    """update index -> this process's `ptx.batch_size` blocks of packed text (the pretrain stage's packing), in a
-    seeded order that a resumed run repeats."""
-    import hashlib
-
-    import numpy as np
-    import torch
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    fingerprint = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else tokenizer.name_or_path
-    packed = pack_dataset(docs, tokenizer, cfg.ptx.block_size, fingerprint).with_format("numpy")
-    if not len(packed):
-        raise UserError(f"ptx.data: {cfg.ptx.data.path} holds fewer tokens than one block of ptx.block_size "
-                        f"{cfg.ptx.block_size}")  # fmt: skip
-    blocks = np.asarray(packed["input_ids"])
-    sampler = BlockSampler(len(blocks), cfg.train.seed, cfg.ptx.batch_size, world, 1)
-    return lambda update: torch.as_tensor(blocks[sampler.indices(update, 0, rank)], device=device).long()
 
 
 def _mean(rows: list[dict], key: str) -> float:
