@@ -33,7 +33,8 @@ HEADLINES = {
             ("heldout_logp_margin_before", "heldout_logp_margin", "log-prob margin chosen - rejected", True)],
     "ppo": [("heldout_before.exact_match", "heldout_after.exact_match", "held-out exact match", True),
             ("heldout_before.reward", "heldout_after.reward", "held-out reward-model score", True),
-            ("reward_start", "reward_end", "rollout reward (first -> last fifth)", True)],
+            ("reward_start", "reward_end", "rollout reward (first -> last fifth)", True),
+            ("function_score_start", "function_score_end", "rule-scored answers right (first -> last fifth)", True)],
     "grpo": [("heldout_before.exact_match", "heldout_after.exact_match", "held-out exact match", True),
              ("heldout_before.task_metric", "heldout_after.task_metric", "held-out task metric", True),
              ("reward_start", "reward_end", "rollout reward (first -> last fifth)", True)],
@@ -44,7 +45,7 @@ CURVES = {
     "sft": [("loss", "train loss"), ("eval_loss", "held-out loss")],
     "reward": [("loss", "train loss"), ("eval_loss", "held-out loss"), ("eval_accuracy", "held-out accuracy")],
     "dpo": [("loss", "train loss"), ("eval_loss", "held-out loss"), ("rewards/accuracies", "implicit-reward acc.")],
-    "ppo": [("reward", "reward"), ("kl", "KL to reference")],
+    "ppo": [("reward", "reward"), ("kl", "KL to reference"), ("function_score", "rule-scored answers right")],
     "grpo": [("reward", "reward"), ("frac_reward_zero_std", "groups without signal"), ("kl", "KL to reference")],
 }
 

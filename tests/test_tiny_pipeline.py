@@ -91,6 +91,7 @@ def test_tiny_pipeline_moves_every_metric_and_reports(tmp_path):
 
     report = (run / "report.md").read_text()
     assert "of prompt groups had equal rewards" in report and "## Reward model, explained" in report
+    assert "| ppo | rule-scored answers right (first -> last fifth) |" in report
     for stage in ("pretrain", "sft", "pairs", "reward", "dpo", "ppo", "eval_ppo", "explain", "grpo", "eval_grpo"):
         assert f"| {stage} |" in report
     for png in ("training_curves.png", "eval.png", "stage_metrics.png"):
