@@ -81,10 +81,15 @@ class DataConfig:
     )  # fmt: skip
     mix_seed: int = field(0, "Seed of the rows a mixture draws from each source.")
 
+    @property
+    def paths(self) -> list[str]:
+        """`path` as a list: its entries, or the one path."""
+        return self.path if isinstance(self.path, list) else [self.path]
+
     def check(self) -> list[str]:
         problems = []
         if self.mix is not None:
-            paths = self.path if isinstance(self.path, list) else [self.path]
+            paths = self.paths
             if len(self.mix) != len(paths):
                 problems.append(f"mix: {len(self.mix)} weight(s) for {len(paths)} path(s); give one weight per "
                                 "entry of path")  # fmt: skip

@@ -193,9 +193,8 @@ def load_mixture(cfg: DataConfig, required: list[str]) -> list[tuple[str, object
     may differ in columns (sft mixes conversations with plain text); load_examples keeps the columns they share."""
     import dataclasses
 
-    paths = cfg.path if isinstance(cfg.path, list) else [cfg.path]
     parts, counts = [], []
-    for source, (path, weight) in enumerate(zip(paths, cfg.mix, strict=True)):
+    for source, (path, weight) in enumerate(zip(cfg.paths, cfg.mix, strict=True)):
         ds = load_examples(dataclasses.replace(cfg, path=path, mix=None), required)
         rows = mixture_rows(len(ds), weight, cfg.mix_seed, source)
         parts.append((path, ds.select(rows), rows))

@@ -210,9 +210,8 @@ def load_prompt_rows(
                 raise UserError(f"data: {where}: row {index} has no reference answer"
                                 + (f" in column {key!r}" if key else ""))  # fmt: skip
             rows.setdefault(prompt_key(prompt), {"prompt": prompt, "reference": reference or None, "source": number})
-        found = [references[i] for i in range(len(prompts))] if references is not None else []
         for reward in scorers:
-            if found and (problem := worked_solutions_problem(reward, found, f"data: {where}")):
+            if problem := worked_solutions_problem(reward, references or [], f"data: {where}"):
                 raise UserError(problem)
     return list(rows.values())
 

@@ -162,12 +162,9 @@ def require_reward_model(path: str, given: str, trust_remote_code: bool, key: st
                         "one would score with a new random head")  # fmt: skip
 
 
-def reward_scorer(reward_model: str | None, reward_function: str | None, trust_remote_code: bool, device,
-                  key: str = "reward_model"):  # fmt: skip
+def reward_scorer(reward_model: str, trust_remote_code: bool, device, key: str = "reward_model"):
     """scorer(prompts, response_texts, references=None) -> list of floats: the reward model (its own tokenizer and
-    template, A10, through score_pairs; references unused; require_reward_model first) or the reward function."""
-    if reward_function:
-        return load_reward_function(reward_function, "reward_function")
+    template, A10, through score_pairs; references unused; require_reward_model first)."""
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.modeling import load_pretrained, load_tokenizer, resolve_model_path
@@ -224,7 +221,7 @@ def load_scorer(spec: str, key: str, trust_remote_code: bool = False, device=Non
     if reward_kind(spec) == "task":
         return task_scorer(spec)
     if reward_kind(spec) == "model":
-        return reward_scorer(spec, None, trust_remote_code, device, key)
+        return reward_scorer(spec, trust_remote_code, device, key)
     return load_reward_function(spec, key)
 
 

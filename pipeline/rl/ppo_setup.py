@@ -7,7 +7,7 @@ from pipeline.batches import BlockSampler
 from pipeline.config import UserError
 from pipeline.data import pack_dataset
 from pipeline.modeling import load_pretrained, peft_config, resolve_model_path, whole_weights
-from pipeline.rewards import load_reward_function, reward_scorer
+from pipeline.rewards import reward_scorer
 from pipeline.rl.policy import critic_source, disable_dropout, make_critic, with_critic, with_value_head
 from pipeline.rl.ppo import Models, PtxSection
 
@@ -18,8 +18,8 @@ def build_models(cfg, tokenizer, policy_path: str, accelerator):
     critic; the policy and its critic joined as one module (rl.policy.with_critic, with_value_head) and prepared
     with one AdamW of two learning rates. Every model is built whole on each process (modeling.whole_weights: new
     heads and adapters start as one process's do); DeepSpeed then partitions what it prepares, and the frozen
-    reference and reward model stay whole copies. Returns (models, optimizer, scorers): the reward model's and
-    the reward function's, None where not set."""
+    reference and reward model stay whole copies. Returns (models, optimizer, the reward model's scorer or None
+    without one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -37,10 +37,7 @@ def build_models(cfg, tokenizer, policy_path: str, accelerator):
             disable_dropout(reference)
             reference.to(device).eval().requires_grad_(False)
         disable_dropout(policy)
-        scorers = (
-            reward_scorer(cfg.reward_model, None, cfg.trust_remote_code, device) if cfg.reward_model else None,
-            load_reward_function(cfg.reward_function, "reward_function") if cfg.reward_function else None,
-        )
+        scorer = reward_scorer(cfg.reward_model, cfg.trust_remote_code, device) if cfg.reward_model else None
         source = critic_source(cfg.value_model, cfg.reward_model)
         if source == "head":  # one module: DDP must see the trunk once
             policy = with_value_head(policy)
@@ -63,7 +60,7 @@ def build_models(cfg, tokenizer, policy_path: str, accelerator):
         plugin.deepspeed_config["gradient_clipping"] = train.grad_clip or 0.0
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()  # dropout is off, so train mode changes nothing but what peft/DDP expect
-    return Models(accelerator, policy, reference, source), optimizer, scorers
+    return Models(accelerator, policy, reference, source), optimizer, scorer
 
 
 def ptx_batches(ptx: PtxSection, seed: int, docs, tokenizer, world: int, rank: int, device):

@@ -111,14 +111,13 @@ class PPOConfig:
         problems = []
         if self.reward_model is None and self.reward_function is None:
             problems.append("set reward_model, reward_function or both (both are null)")
-        paths = self.data.path if isinstance(self.data.path, list) else [self.data.path]
         if self.reward_by_source is not None:
             if self.reward_model is None or self.reward_function is None:
                 problems.append("reward_by_source routes prompts between a reward model and a reward function: set "
                                 "both reward_model and reward_function, or leave reward_by_source null")  # fmt: skip
-            if len(self.reward_by_source) != len(paths):
-                problems.append(f"reward_by_source: {len(self.reward_by_source)} value(s) for {len(paths)} data.path "
-                                "entries; give one per entry")  # fmt: skip
+            if len(self.reward_by_source) != len(self.data.paths):
+                problems.append(f"reward_by_source: {len(self.reward_by_source)} value(s) for "
+                                f"{len(self.data.paths)} data.path entries; give one per entry")  # fmt: skip
             problems += [f"reward_by_source: {r!r} is not one of {', '.join(ROUTES)}"
                          for r in self.reward_by_source if r not in ROUTES]  # fmt: skip
             if self.data.streaming and len(set(self.reward_by_source)) > 1:
@@ -154,10 +153,9 @@ Config = PPOConfig
 def source_routes(cfg: PPOConfig) -> list[str]:
     """What scores each data.path entry's prompts (rewards.ROUTES): reward_by_source, else the one reward set, or
     the sum of both."""
-    paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
     if cfg.reward_by_source is not None:
         return list(cfg.reward_by_source)
-    return [("sum" if cfg.reward_function else "model") if cfg.reward_model else "function"] * len(paths)
+    return [("sum" if cfg.reward_function else "model") if cfg.reward_model else "function"] * len(cfg.data.paths)
 
 
 def load_prompts(cfg: PPOConfig, chat: bool) -> tuple[list, list, list]:
@@ -196,8 +194,8 @@ def run(cfg: PPOConfig) -> dict | None:
     problem = overlap_problem("eval_data", prompts, eval_rows, cfg.data.path)
     if problem:
         raise UserError(problem)
-    if cfg.reward_function:
-        load_reward_function(cfg.reward_function, "reward_function")
+    # the rule is imported and checked before any compute; the reward model is loaded with the other models
+    function_scorer = load_reward_function(cfg.reward_function, "reward_function") if cfg.reward_function else None
     ptx_docs = load_documents(cfg.ptx.data, tokenizer) if cfg.ptx.coef > 0 else None
     world, train = world_size(), cfg.train
     if train.rollout_batch_size % (world * train.num_minibatches):
@@ -216,7 +214,7 @@ def run(cfg: PPOConfig) -> dict | None:
         begin_stage(out, cfg, fresh=resume_from is None)  # a fresh run never leaves an older run's steps behind
 
     # --- models, controller, resume point, held-out numbers before training
-    models, optimizer, (model_scorer, function_scorer) = build_models(cfg, tokenizer, policy_path, accelerator)
+    models, optimizer, model_scorer = build_models(cfg, tokenizer, policy_path, accelerator)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in models.causal_lm().parameters() if p.requires_grad)
     critic = "no critic" if models.critic_source == "none" else f"critic from {models.critic_source}"
     log(f"{len(prompts)} prompts ({len(keep)} kept), {world} process(es) x {per_rank} per step; policy "
